@@ -1,0 +1,36 @@
+"""Process environment shared by every role that runs flwr."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from fedtune.errors import FedTuneError
+
+# flwr phones home (telemetry, update check) unless told not to; no fedtune process may.
+FLWR_QUIET_ENV: Mapping[str, str] = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+
+
+def flwr_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """A copy of `base` (default: os.environ) with telemetry and update checks off."""
+    env = dict(os.environ if base is None else base)
+    env.update(FLWR_QUIET_ENV)
+    env.update(extra)
+    return env
+
+
+def silence_flwr() -> None:
+    """Set the quiet flags in this process (before flwr is imported where possible)."""
+    os.environ.update(FLWR_QUIET_ENV)
+
+
+def require_file(path: str | os.PathLike[str], what: str) -> Path:
+    """Return `path` as a Path, or fail with one line saying which file is missing."""
+    resolved = Path(path).expanduser()
+    if not resolved.is_file():
+        raise FedTuneError(f"{what} not found: {resolved}")
+    return resolved

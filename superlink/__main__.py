@@ -1,0 +1,3 @@
+from superlink.launch import main
+
+main()

@@ -1,0 +1,1 @@
+"""SuperNode role: launch configuration for each training host."""

@@ -1,0 +1,3 @@
+from supernode.launch import main
+
+main()

@@ -1,0 +1,163 @@
+"""`fedtune-supernode`: start `flower-supernode` for one data partition, over TLS.
+
+The partition is explicit (`--partition-id`) or derived from an ordinal: the trailing `-N` of the pod
+or host name (`--partition-from-ordinal`, StatefulSet style) plus `--partition-offset`.
+Every flag also reads an environment variable: FEDTUNE_SUPERLINK, FEDTUNE_ROOT_CERTIFICATES,
+FEDTUNE_PARTITION_ID, FEDTUNE_PARTITION_FROM_ORDINAL (1/0), FEDTUNE_PARTITION_OFFSET,
+FEDTUNE_NUM_PARTITIONS, FEDTUNE_DATA_PATH, FEDTUNE_CLIENTAPP_PORT, FEDTUNE_AUTH_KEY, FEDTUNE_INSECURE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+
+from fedtune.errors import FedTuneError, one_line_errors
+from fedtune.runtime_env import flwr_env, require_file
+
+DEFAULT_CLIENTAPP_PORT = 9094
+ORDINAL_RE = re.compile(r"-(\d+)$")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="fedtune-supernode", description="Start a Flower SuperNode for one fedtune partition."
+    )
+    parser.add_argument("--superlink", default=env("FEDTUNE_SUPERLINK"), help="HOST:PORT of the SuperLink")
+    parser.add_argument(
+        "--root-certificates", default=env("FEDTUNE_ROOT_CERTIFICATES"),
+        help="CA certificate the SuperLink's certificate must chain to",
+    )
+    parser.add_argument("--insecure", action="store_true", default=_env_flag("FEDTUNE_INSECURE"))
+    part = parser.add_mutually_exclusive_group()
+    part.add_argument("--partition-id", type=int, default=_env_int("FEDTUNE_PARTITION_ID"))
+    part.add_argument(
+        "--partition-from-ordinal", action="store_true",
+        default=_env_flag("FEDTUNE_PARTITION_FROM_ORDINAL"),
+        help="partition = trailing -N of $POD_NAME (or the hostname) + --partition-offset",
+    )
+    parser.add_argument("--partition-offset", type=int, default=_env_int("FEDTUNE_PARTITION_OFFSET") or 0)
+    parser.add_argument("--num-partitions", type=int, default=_env_int("FEDTUNE_NUM_PARTITIONS") or 20)
+    parser.add_argument(
+        "--data-path", default=env("FEDTUNE_DATA_PATH"),
+        help="train on this node's own Alpaca-format file/folder instead of a partition of the dataset",
+    )
+    parser.add_argument(
+        "--clientapp-port", type=int,
+        default=_env_int("FEDTUNE_CLIENTAPP_PORT") or DEFAULT_CLIENTAPP_PORT,
+        help="local ClientApp runtime port (unique per SuperNode on one host)",
+    )
+    parser.add_argument(
+        "--auth-key", default=env("FEDTUNE_AUTH_KEY"),
+        help="ECDSA private key registered with `flwr supernode register` (SuperNode auth)",
+    )
+    parser.add_argument("--max-retries", type=int, default=_env_int("FEDTUNE_MAX_RETRIES"))
+    parser.add_argument("--max-wait-time", type=float, default=None)
+    parser.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to flower-supernode")
+    return parser
+
+
+def ordinal_of(name: str) -> int:
+    """StatefulSet pods are named <set>-<ordinal>; the ordinal picks the data partition."""
+    match = ORDINAL_RE.search(name)
+    if not match:
+        raise FedTuneError(f"cannot derive a partition from name {name!r}: expected a trailing -<number>")
+    return int(match.group(1))
+
+
+def resolve_partition(args: argparse.Namespace) -> int:
+    if args.partition_from_ordinal:
+        name = os.environ.get("POD_NAME") or socket.gethostname()
+        partition = ordinal_of(name) + args.partition_offset
+    elif args.partition_id is not None:
+        partition = args.partition_id
+    elif args.data_path:
+        partition = 0  # a node with its own data needs no partition of the shared dataset
+    else:
+        raise FedTuneError("give --partition-id N, --partition-from-ordinal, or --data-path")
+    if args.num_partitions < 1:
+        raise FedTuneError(f"--num-partitions must be >= 1, got {args.num_partitions}")
+    if not 0 <= partition < args.num_partitions:
+        raise FedTuneError(
+            f"partition id {partition} is outside 0..{args.num_partitions - 1} (--num-partitions)"
+        )
+    return partition
+
+
+def node_config(args: argparse.Namespace, partition: int) -> str:
+    """Flower's `--node-config` string: what the ClientApp reads from `context.node_config`."""
+    items = [f"partition-id={partition}", f"num-partitions={args.num_partitions}"]
+    if args.data_path:
+        items.append(f"data-path={json.dumps(str(args.data_path))}")
+    return " ".join(items)
+
+
+def build_command(args: argparse.Namespace) -> list[str]:
+    if not args.superlink:
+        raise FedTuneError("--superlink HOST:PORT is required (or FEDTUNE_SUPERLINK)")
+    if ":" not in args.superlink:
+        raise FedTuneError(f"--superlink must be HOST:PORT, got {args.superlink!r}")
+    partition = resolve_partition(args)
+    cmd = [
+        "flower-supernode",
+        "--superlink", args.superlink,
+        "--node-config", node_config(args, partition),
+        "--port", str(args.clientapp_port),
+    ]
+    if args.insecure:
+        if args.auth_key:
+            raise FedTuneError("--auth-key requires TLS; drop --insecure")
+        cmd.append("--insecure")
+    else:
+        if not args.root_certificates:
+            raise FedTuneError(
+                "TLS needs --root-certificates CA_FILE (the federation's ca.crt); "
+                "pass --insecure explicitly for a plaintext test setup"
+            )
+        cmd += ["--root-certificates", str(require_file(args.root_certificates, "CA certificate"))]
+    if args.auth_key:
+        cmd += ["--auth-supernode-private-key", str(require_file(args.auth_key, "SuperNode auth key"))]
+    if args.max_retries is not None:
+        cmd += ["--max-retries", str(args.max_retries)]
+    if args.max_wait_time is not None:
+        cmd += ["--max-wait-time", str(args.max_wait_time)]
+    if args.data_path and not os.path.exists(args.data_path):
+        raise FedTuneError(f"--data-path not found: {args.data_path}")
+    extra = list(args.extra or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    return cmd + extra
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    cmd = build_command(args)
+    if args.dry_run:
+        print(" ".join(cmd))
+        return
+    executable = shutil.which(cmd[0])
+    if executable is None:
+        raise FedTuneError("flower-supernode not found on PATH; install fedtune's dependencies (flwr)")
+    sys.stdout.flush()
+    os.execve(executable, cmd, flwr_env())
+
+
+if __name__ == "__main__":
+    main()
