@@ -119,13 +119,14 @@ imagePullSecrets:
 {{- default (include "fedtune.tls.secretName" .) .Values.tls.caSecret -}}
 {{- end -}}
 
-{{/* Every DNS name the SuperLink is reached at: Service names, external hostname, extras. */}}
+{{/* Every DNS name the SuperLink is reached at: Service names, external hostname, extras, and
+localhost for `kubectl port-forward` (the CA is the federation's own, so this names nothing public). */}}
 {{- define "fedtune.tls.dnsNames" -}}
 {{- $svc := include "fedtune.superlink.fullname" . -}}
 {{- $ns := include "fedtune.namespace" . -}}
 {{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) -}}
 {{- with .Values.superlink.externalHostname }}{{- $names = append $names . -}}{{- end -}}
-{{- $names = concat $names .Values.tls.extraDnsNames | uniq -}}
+{{- $names = concat $names .Values.tls.extraDnsNames (list "localhost") | uniq -}}
 {{- toJson $names -}}
 {{- end -}}
 
