@@ -1,0 +1,157 @@
+"""Two hosts: the SuperLink stack and a SuperNode stack as separate compose projects on separate
+networks, joined only through the SuperLink's published TLS port; a SuperNode holding another CA is
+refused.
+
+The SuperNode "host" uses the host network and reaches the SuperLink by its public name
+superlink.example.org (mapped to 127.0.0.1 in that container's /etc/hosts), so the TLS handshake
+checks the certificate's SAN for that name as on a real second machine, and every byte between the
+two projects crosses the published port.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO, Images, Project, free_port, run
+
+pytestmark = pytest.mark.container
+
+PUBLIC_NAME = "superlink.example.org"
+LS_SCRIPT = """
+set -e
+mkdir -p "$FLWR_HOME"
+cat > "$FLWR_HOME/config.toml" <<TOML
+[superlink]
+default = "local"
+[superlink.local]
+address = "127.0.0.1:8000"
+root-certificates = "/certs/ca.crt"
+TOML
+flwr supernode ls local --format json
+"""
+
+
+def supernode_override(tmp: Path, name: str, clientapp_port: int) -> Path:
+    path = tmp / f"{name}.override.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "services": {
+                    "supernode": {
+                        "network_mode": "host",
+                        "extra_hosts": [f"{PUBLIC_NAME}:127.0.0.1"],
+                        "environment": {"FEDTUNE_CLIENTAPP_PORT": str(clientapp_port)},
+                    }
+                }
+            }
+        )
+    )
+    return path
+
+
+def online_nodes(link: Project) -> list[dict]:
+    out = link.compose("exec", "-T", "superlink", "sh", "-c", LS_SCRIPT, timeout=120).stdout
+    data = json.loads(out[out.index("{") :])
+    nodes = data.get("nodes", [])
+    return [n for n in nodes if str(n.get("status", "")).lower() == "online"]
+
+
+def wait_for_nodes(link: Project, count: int, timeout: float = 120) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    nodes: list[dict] = []
+    while time.monotonic() < deadline:
+        nodes = online_nodes(link)
+        if len(nodes) >= count:
+            return nodes
+        time.sleep(3)
+    raise AssertionError(f"expected {count} online SuperNodes, have {nodes}")
+
+
+def test_supernode_joins_over_published_tls_port_and_wrong_ca_is_refused(
+    images: Images, project_factory, tmp_path: Path
+) -> None:
+    port = free_port()
+    link = project_factory(
+        [REPO / "compose.superlink.yaml"],
+        {
+            "FEDTUNE_EXTRA_SANS": PUBLIC_NAME,
+            "FEDTUNE_SUPERLINK_BIND": "127.0.0.1",
+            "FEDTUNE_SUPERLINK_PORT": str(port),
+        },
+    )
+    link.compose("up", "-d", "superlink", timeout=300)
+    link.wait_healthy("superlink")
+    ca = tmp_path / "ca.crt"
+    ca.write_text(link.compose("exec", "-T", "superlink", "cat", "/certs/ca.crt").stdout)
+    assert "BEGIN CERTIFICATE" in ca.read_text()
+    # The CA key never reaches the SuperLink container.
+    files = link.compose("exec", "-T", "superlink", "ls", "/certs").stdout.split()
+    assert sorted(files) == ["ca.crt", "server.key", "server.pem"]
+
+    node_env = {
+        "FEDTUNE_SUPERLINK": f"{PUBLIC_NAME}:{port}",
+        "FEDTUNE_CA_FILE": str(ca),
+        "FEDTUNE_PARTITION_ID": "0",
+    }
+    good = project_factory(
+        [REPO / "compose.supernode.yaml", supernode_override(tmp_path, "good", free_port())],
+        node_env,
+    )
+    good.compose("up", "-d", timeout=300)
+    good.wait_healthy("supernode")
+    nodes = wait_for_nodes(link, 1)
+    assert len(nodes) == 1, nodes
+    # Separate projects, separate networks: nothing but the published port joins them.
+    link_nets = set(
+        json.loads(
+            run(
+                [
+                    "docker",
+                    "inspect",
+                    "-f",
+                    "{{json .NetworkSettings.Networks}}",
+                    link.container("superlink"),
+                ]
+            ).stdout
+        )
+    )
+    assert link_nets == {f"{link.name}_default"}
+
+    # A second federation's CA: the SuperLink's certificate does not chain to it.
+    other = tmp_path / "other"
+    subprocess.run(
+        [
+            str(REPO / ".venv/bin/python"),
+            "-c",
+            f"from fedtune.certs import generate; generate({str(other)!r}, ['{PUBLIC_NAME}'])",
+        ],
+        cwd=REPO,
+        check=True,
+        timeout=60,
+    )
+    bad = project_factory(
+        [REPO / "compose.supernode.yaml", supernode_override(tmp_path, "bad", free_port())],
+        {
+            **node_env,
+            "FEDTUNE_CA_FILE": str(other / "ca.crt"),
+            "FEDTUNE_PARTITION_ID": "1",
+            "FEDTUNE_MAX_RETRIES": "1",
+            "FEDTUNE_RESTART": "no",
+        },
+    )
+    bad.compose("up", "-d", timeout=300)
+    cid = bad.container("supernode")
+    code = run(["docker", "wait", cid], timeout=240).stdout.strip()
+    logs = bad.logs("supernode")
+    assert code != "0", logs[-3000:]
+    assert "CERTIFICATE_VERIFY_FAILED" in logs or "certificate verify failed" in logs.lower(), logs[
+        -3000:
+    ]
+    # ... and the federation still has exactly the one good node.
+    assert len(online_nodes(link)) == 1
