@@ -221,15 +221,20 @@ def test_pod_ordinal_plus_offset_is_the_partition_id(scenario, monkeypatch):
 
 
 def test_multi_cluster_sites_train_disjoint_partitions():
-    main = render_scenario("default")
+    # The GPU reference cluster hosts the SuperLink; the SuperNodes-only site joins it.
+    main = render_scenario("gpu")
     remote = render_scenario("supernodes-only")
 
     def partitions(rendered):
         statefulset, _, item = _supernodes(rendered)
-        offset = int(env_of(item)["FEDTUNE_PARTITION_OFFSET"]["value"])
-        return set(range(offset, offset + statefulset["spec"]["replicas"]))
+        env = env_of(item)
+        offset = int(env["FEDTUNE_PARTITION_OFFSET"]["value"])
+        total = int(env["FEDTUNE_NUM_PARTITIONS"]["value"])
+        return total, set(range(offset, offset + statefulset["spec"]["replicas"]))
 
-    assert partitions(main).isdisjoint(partitions(remote))
+    (main_total, main_set), (remote_total, remote_set) = partitions(main), partitions(remote)
+    assert main_total == remote_total
+    assert main_set.isdisjoint(remote_set)
 
 
 # ------------------------------------------------------------------ GPUs
