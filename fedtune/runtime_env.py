@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,8 +21,24 @@ def flwr_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, s
     """A copy of `base` (default: os.environ) with telemetry and update checks off."""
     env = dict(os.environ if base is None else base)
     env.update(FLWR_QUIET_ENV)
+    # flwr starts flwr-serverapp / flwr-clientapp by name: our interpreter's bin folder comes first,
+    # so a venv works without being "activated".
+    path = env.get("PATH", os.defpath).split(os.pathsep)
+    if _BIN_DIR not in path:
+        env["PATH"] = os.pathsep.join([_BIN_DIR, *path])
     env.update(extra)
     return env
+
+
+_BIN_DIR = os.path.dirname(sys.executable)
+
+
+def find_executable(name: str) -> str:
+    """`name` next to this interpreter (a venv's bin) or on PATH; one clear line if absent."""
+    found = shutil.which(name, path=flwr_env()["PATH"])
+    if found is None:
+        raise FedTuneError(f"{name} not found on PATH; install fedtune's dependencies (flwr)")
+    return found
 
 
 def silence_flwr() -> None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from pathlib import Path
 
 from fedtune.certs import TlsFiles, check_server_files
 from fedtune.errors import FedTuneError, one_line_errors
-from fedtune.runtime_env import flwr_env
+from fedtune.runtime_env import find_executable, flwr_env
 
 DEFAULT_PORT = 8000  # Fleet + Control + Runtime APIs over HTTPS (Flower >= 1.40)
 DEFAULT_HEALTH_PORT = 9095  # gRPC health service, for Kubernetes `grpc:` probes
@@ -112,9 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         print(" ".join(cmd))
         return
-    executable = shutil.which(cmd[0])
-    if executable is None:
-        raise FedTuneError("flower-superlink not found on PATH; install fedtune's dependencies (flwr)")
+    executable = find_executable(cmd[0])
     sys.stdout.flush()
     # exec: the SuperLink becomes this process, so signals from docker/kubelet reach it directly.
     os.execve(executable, cmd, flwr_env())

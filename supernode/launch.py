@@ -13,12 +13,11 @@ import argparse
 import json
 import os
 import re
-import shutil
 import socket
 import sys
 
 from fedtune.errors import FedTuneError, one_line_errors
-from fedtune.runtime_env import flwr_env, require_file
+from fedtune.runtime_env import find_executable, flwr_env, require_file
 
 DEFAULT_CLIENTAPP_PORT = 9094
 ORDINAL_RE = re.compile(r"-(\d+)$")
@@ -152,9 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         print(" ".join(cmd))
         return
-    executable = shutil.which(cmd[0])
-    if executable is None:
-        raise FedTuneError("flower-supernode not found on PATH; install fedtune's dependencies (flwr)")
+    executable = find_executable(cmd[0])
     sys.stdout.flush()
     os.execve(executable, cmd, flwr_env())
 

@@ -1,0 +1,73 @@
+"""Communication accounting, as the FlowerTune leaderboard counts it.
+
+A message's cost is `ArrayRecord.count_bytes()`: Σ over arrays of (serialised .npy bytes + key bytes).
+The budget is the sum over every adapter message in both directions, reported in MB = bytes / 1024².
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MB = 1024 * 1024
+REFERENCE_BUDGET_MB = 2942.79  # the FlowerTune reference submission (InternLM3-8B, 10 rounds, 2 nodes)
+
+
+def to_mb(num_bytes: int) -> float:
+    return num_bytes / MB
+
+
+@dataclass
+class NodeTraffic:
+    down_bytes: int = 0  # server → node (global adapter)
+    up_bytes: int = 0  # node → server (local update)
+
+
+@dataclass
+class RoundTraffic:
+    server_round: int
+    nodes: dict[int, NodeTraffic] = field(default_factory=dict)
+
+    def node(self, node_id: int) -> NodeTraffic:
+        return self.nodes.setdefault(node_id, NodeTraffic())
+
+    @property
+    def down_bytes(self) -> int:
+        return sum(n.down_bytes for n in self.nodes.values())
+
+    @property
+    def up_bytes(self) -> int:
+        return sum(n.up_bytes for n in self.nodes.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.down_bytes + self.up_bytes
+
+
+@dataclass
+class CommLedger:
+    """Bytes per round, per node, per direction; the cumulative budget."""
+
+    rounds: dict[int, RoundTraffic] = field(default_factory=dict)
+    carried_bytes: int = 0  # bytes of rounds done before a resume
+
+    def round(self, server_round: int) -> RoundTraffic:
+        return self.rounds.setdefault(server_round, RoundTraffic(server_round))
+
+    def record_down(self, server_round: int, node_id: int, num_bytes: int) -> None:
+        self.round(server_round).node(node_id).down_bytes += num_bytes
+
+    def record_up(self, server_round: int, node_id: int, num_bytes: int) -> None:
+        self.round(server_round).node(node_id).up_bytes += num_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.carried_bytes + sum(r.total_bytes for r in self.rounds.values())
+
+    @property
+    def total_mb(self) -> float:
+        return to_mb(self.total_bytes)
+
+    def cumulative_bytes(self, through_round: int) -> int:
+        return self.carried_bytes + sum(
+            r.total_bytes for n, r in self.rounds.items() if n <= through_round
+        )

@@ -1,0 +1,245 @@
+"""One source of truth for a run: the Flower run config (pyproject `[tool.flwr.app.config]` plus
+`--run-config` overrides) parsed into a typed, validated `FedTuneConfig`.
+
+Flower hands the run config over flattened (`model.lora.r = 16`); every key must be known here,
+and every bad value fails with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fedtune.errors import FedTuneError
+
+QUANTIZATION_BITS = (0, 4, 8)  # 0 = no quantization (bf16/fp32 base)
+TRANSPORT_DTYPES = ("float32", "bfloat16")
+LEADERBOARD_BUDGET_LIMIT_MB = 200_000.0
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str = "internlm/internlm3-8b-instruct"
+    trust_remote_code: bool = True
+    quantization: int = 4
+    gradient_checkpointing: bool = True
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # dtype of adapter arrays on the wire; the server always aggregates in float32
+    transport_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    seq_length: int = 512
+    optim: str = "paged_adamw_8bit"
+    learning_rate_max: float = 5e-5
+    learning_rate_min: float = 1e-6
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    num_train_epochs: int = 3
+    max_steps: int = 10  # per round; supersedes num_train_epochs, as in the FlowerTune template
+    logging_steps: int = 1
+    seed: int = 42
+    save_every_round: int = 5
+    packing: bool = False
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    fraction_train: float = 0.1
+    fraction_evaluate: float = 0.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    name: str = "flwrlabs/alpaca-gpt4"
+    num_partitions: int = 20
+
+
+@dataclass(frozen=True)
+class FedTuneConfig:
+    num_server_rounds: int = 10
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    output_dir: str = "outputs"
+    budget_limit_mb: float = LEADERBOARD_BUDGET_LIMIT_MB
+    resume_from: str = ""
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FedTuneConfig:
+        return parse_run_config(run_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def learning_rate(self, server_round: int) -> float:
+        """Cosine decay across rounds (FlowerTune's schedule), constant within a round."""
+        t = self.train
+        progress = min(max(server_round, 0), self.num_server_rounds) / self.num_server_rounds
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return t.learning_rate_min + (t.learning_rate_max - t.learning_rate_min) * cosine
+
+
+# ---- parsing -------------------------------------------------------------------------------
+
+Check = Callable[[Any], bool]
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _csv_names(value: Any) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in str(value).split(",") if s.strip())
+    if not names:
+        raise ValueError("empty list")
+    return names
+
+
+@dataclass(frozen=True)
+class _Key:
+    path: tuple[str, ...]  # where the value lands in FedTuneConfig
+    kind: type
+    check: Check | None = None
+    rule: str = ""
+    convert: Callable[[Any], Any] | None = None
+
+
+# run-config key -> destination, type and rule. The keys are the FlowerTune template's names.
+KEYS: dict[str, _Key] = {
+    "num-server-rounds": _Key(("num_server_rounds",), int, _positive, "> 0"),
+    "strategy.fraction-train": _Key(("strategy", "fraction_train"), float, _fraction, "in [0, 1]"),
+    "strategy.fraction-evaluate": _Key(("strategy", "fraction_evaluate"), float, _fraction, "in [0, 1]"),
+    "strategy.min-train-nodes": _Key(("strategy", "min_train_nodes"), int, _positive, "> 0"),
+    "strategy.min-available-nodes": _Key(("strategy", "min_available_nodes"), int, _positive, "> 0"),
+    "strategy.round-timeout": _Key(("strategy", "round_timeout"), float, _positive, "> 0 seconds"),
+    "model.name": _Key(("model", "name"), str, bool, "a model id or folder"),
+    "model.trust-remote-code": _Key(("model", "trust_remote_code"), bool),
+    "model.quantization": _Key(
+        ("model", "quantization"), int, lambda v: v in QUANTIZATION_BITS, f"one of {QUANTIZATION_BITS}"
+    ),
+    "model.gradient-checkpointing": _Key(("model", "gradient_checkpointing"), bool),
+    "model.lora.r": _Key(("model", "lora", "r"), int, _positive, "> 0"),
+    "model.lora.alpha": _Key(("model", "lora", "alpha"), int, _positive, "> 0"),
+    "model.lora.dropout": _Key(("model", "lora", "dropout"), float, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.lora.target-modules": _Key(
+        ("model", "lora", "target_modules"), str, None, "comma-separated module names", _csv_names
+    ),
+    "model.transport-dtype": _Key(
+        ("model", "transport_dtype"), str, lambda v: v in TRANSPORT_DTYPES, f"one of {TRANSPORT_DTYPES}"
+    ),
+    "train.seq-length": _Key(("train", "seq_length"), int, _positive, "> 0"),
+    "train.optim": _Key(("train", "optim"), str, bool, "a transformers optimizer name"),
+    "train.learning-rate-max": _Key(("train", "learning_rate_max"), float, _positive, "> 0"),
+    "train.learning-rate-min": _Key(("train", "learning_rate_min"), float, _non_negative, ">= 0"),
+    "train.per-device-train-batch-size": _Key(
+        ("train", "per_device_train_batch_size"), int, _positive, "> 0"
+    ),
+    "train.gradient-accumulation-steps": _Key(
+        ("train", "gradient_accumulation_steps"), int, _positive, "> 0"
+    ),
+    "train.num-train-epochs": _Key(("train", "num_train_epochs"), int, _positive, "> 0"),
+    "train.max-steps": _Key(("train", "max_steps"), int, _positive, "> 0"),
+    "train.logging-steps": _Key(("train", "logging_steps"), int, _positive, "> 0"),
+    "train.seed": _Key(("train", "seed"), int, _non_negative, ">= 0"),
+    "train.save-every-round": _Key(("train", "save_every_round"), int, _non_negative, ">= 0 (0 = final only)"),
+    "train.packing": _Key(("train", "packing"), bool),
+    "output.dir": _Key(("output_dir",), str, bool, "a folder"),
+    "comm.budget-limit-mb": _Key(("budget_limit_mb",), float, _positive, "> 0"),
+    "resume.from": _Key(("resume_from",), str),
+    "static.dataset.name": _Key(("dataset", "name"), str, bool, "a dataset id, file or folder"),
+    "static.num-partitions": _Key(("dataset", "num_partitions"), int, _positive, "> 0"),
+}
+
+
+def _coerce(key: str, spec: _Key, value: Any) -> Any:
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise FedTuneError(f"run config {key}={value!r}: expected true or false")
+        return value
+    if spec.kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FedTuneError(f"run config {key}={value!r}: expected an integer")
+    elif spec.kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FedTuneError(f"run config {key}={value!r}: expected a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise FedTuneError(f"run config {key}={value!r}: must be finite")
+    elif spec.kind is str and not isinstance(value, str):
+        raise FedTuneError(f"run config {key}={value!r}: expected a string")
+    if spec.convert is not None:
+        try:
+            value = spec.convert(value)
+        except ValueError as err:
+            raise FedTuneError(f"run config {key}={value!r}: expected {spec.rule} ({err})") from None
+    if spec.check is not None and not spec.check(value):
+        raise FedTuneError(f"run config {key}={value!r}: must be {spec.rule}")
+    return value
+
+
+def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> FedTuneConfig:
+    """Validate a flat Flower run config and build the typed config (defaults for absent keys)."""
+    unknown = sorted(set(run_config) - set(KEYS))
+    if unknown:
+        raise FedTuneError(f"unknown run config key {unknown[0]!r} (known: see pyproject.toml)")
+    tree: dict[str, Any] = {}
+    for key, value in run_config.items():
+        _set(tree, KEYS[key].path, _coerce(key, KEYS[key], value))
+
+    def section(cls: type, name: str, **nested: Any) -> Any:
+        return cls(**{**tree.get(name, {}), **nested})
+
+    model_tree = tree.get("model", {})
+    lora = LoraSettings(**model_tree.pop("lora", {}))
+    cfg = FedTuneConfig(
+        **{k: v for k, v in tree.items() if k not in {"strategy", "model", "train", "dataset"}},
+        strategy=section(StrategySettings, "strategy"),
+        model=ModelSettings(**model_tree, lora=lora),
+        train=section(TrainSettings, "train"),
+        dataset=section(DatasetSettings, "dataset"),
+    )
+    _check_relations(cfg)
+    return cfg
+
+
+def _check_relations(cfg: FedTuneConfig) -> None:
+    if cfg.train.learning_rate_min > cfg.train.learning_rate_max:
+        raise FedTuneError(
+            "run config train.learning-rate-min must not exceed train.learning-rate-max "
+            f"({cfg.train.learning_rate_min} > {cfg.train.learning_rate_max})"
+        )
+    if cfg.strategy.min_train_nodes > cfg.strategy.min_available_nodes:
+        raise FedTuneError(
+            "run config strategy.min-train-nodes must not exceed strategy.min-available-nodes "
+            f"({cfg.strategy.min_train_nodes} > {cfg.strategy.min_available_nodes})"
+        )

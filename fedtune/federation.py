@@ -1,0 +1,268 @@
+"""A real federation on one machine: a TLS SuperLink and N SuperNodes as separate processes on
+loopback, started through the same launchers used in production. `make demo` and the end-to-end
+tests use it; nothing is simulated."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from fedtune.certs import ensure as ensure_certs
+from fedtune.errors import FedTuneError
+from fedtune.flwr_config import write_connection
+from fedtune.runtime_env import flwr_env
+
+CONNECTION = "fedtune-local"
+TERMINAL_STATUSES = ("finished:completed", "finished:failed", "finished:stopped")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log_file: IO[bytes]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=timeout)
+        self.log_file.close()
+
+    def kill(self) -> None:
+        """kill -9 the process group: a crash, not a shutdown."""
+        self.stop(signal.SIGKILL)
+
+    def log_text(self) -> str:
+        self.log_file.flush()
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class LocalFederation:
+    workdir: Path
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    health_port: int = field(default_factory=free_port)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    superlink: ManagedProcess | None = None
+    supernodes: list[ManagedProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        for sub in ("certs", "state", "logs", "outputs", "flwr-home"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+
+    # -- paths ----------------------------------------------------------------------------
+    @property
+    def certs_dir(self) -> Path:
+        return self.workdir / "certs"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.certs_dir / "ca.crt"
+
+    @property
+    def outputs(self) -> Path:
+        return self.workdir / "outputs"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.workdir / "flwr-home"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return flwr_env(
+            FLWR_HOME=str(self.flwr_home),
+            FEDTUNE_OUTPUT_DIR=str(self.outputs),
+            PYTHONUNBUFFERED="1",
+            **{**self.extra_env, **extra},
+        )
+
+    # -- processes --------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> ManagedProcess:
+        log_path = self.workdir / "logs" / f"{name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 - closed by ManagedProcess.stop
+        process = subprocess.Popen(
+            [sys.executable, "-m", *args],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=self.workdir,
+            start_new_session=True,  # its own process group: stop() reaches the ClientApps too
+        )
+        return ManagedProcess(name, process, log_path, log_file)
+
+    def start_superlink(self, extra_args: list[str] | None = None, timeout: float = 60.0) -> None:
+        ensure_certs(self.certs_dir, ["localhost", self.host])
+        self.superlink = self._spawn(
+            "superlink",
+            [
+                "superlink",
+                "--certs-dir", str(self.certs_dir),
+                "--database", str(self.workdir / "state" / "superlink.db"),
+                "--host", self.host,
+                "--port", str(self.port),
+                "--health-port", str(self.health_port),
+                *(extra_args or []),
+            ],
+            self.env(),
+        )
+        self.wait_healthy(timeout)
+        write_connection(self.flwr_home, CONNECTION, self.address, self.ca_cert)
+
+    def health(self) -> int | None:
+        """HTTP status of the SuperLink's /health over TLS (verified against our CA), or None."""
+        context = ssl.create_default_context(cafile=str(self.ca_cert))
+        try:
+            with urllib.request.urlopen(
+                f"https://{self.host}:{self.port}/health", context=context, timeout=2
+            ) as response:
+                return int(response.status)
+        except OSError:
+            return None
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.superlink is not None
+            if not self.superlink.alive():
+                raise FedTuneError(f"SuperLink exited:\n{self.superlink.log_text()[-3000:]}")
+            if self.health() == 200:
+                return
+            time.sleep(0.5)
+        raise FedTuneError(f"SuperLink not healthy after {timeout:.0f}s")
+
+    def start_supernode(
+        self,
+        partition_id: int,
+        num_partitions: int,
+        root_certificates: Path | None = None,
+        extra_args: list[str] | None = None,
+        name: str | None = None,
+    ) -> ManagedProcess:
+        node = self._spawn(
+            name or f"supernode-{partition_id}",
+            [
+                "supernode",
+                "--superlink", self.address,
+                "--root-certificates", str(root_certificates or self.ca_cert),
+                "--partition-id", str(partition_id),
+                "--num-partitions", str(num_partitions),
+                "--clientapp-port", str(free_port()),
+                *(extra_args or []),
+            ],
+            self.env(),
+        )
+        self.supernodes.append(node)
+        return node
+
+    def stop(self) -> None:
+        for node in reversed(self.supernodes):
+            node.stop()
+        if self.superlink is not None:
+            self.superlink.stop()
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- runs -------------------------------------------------------------------------------
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(sys.executable).with_name("flwr")), *args],
+            capture_output=True, text=True, env=self.env(), timeout=timeout, cwd=self.workdir,
+        )
+
+    def submit(
+        self, app_dir: Path, profile: Path | None = None, overrides: dict[str, Any] | None = None
+    ) -> int:
+        """Start a run with `profile` (a run-config TOML) plus `overrides`; returns the run id."""
+        args = ["run", str(app_dir), CONNECTION, "--format", "json"]
+        if profile is not None or overrides:
+            args += ["--run-config", str(self._run_config_file(profile, overrides or {}))]
+        done = self.flwr(*args)
+        try:
+            payload = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            payload = {}
+        if done.returncode != 0 or not payload.get("success", False):
+            raise FedTuneError(f"flwr run failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+        return int(payload["run-id"])
+
+    def _run_config_file(self, profile: Path | None, overrides: dict[str, Any]) -> Path:
+        """flwr takes one TOML file or key=value pairs, not both: merge them into one file."""
+        import tomllib
+        from flwr.common.config import flatten_dict
+
+        merged: dict[str, Any] = {}
+        if profile is not None:
+            merged.update(flatten_dict(tomllib.loads(Path(profile).read_text())))
+        merged.update(overrides)
+        path = self.workdir / f"run-config-{len(list(self.workdir.glob('run-config-*.toml')))}.toml"
+        path.write_text("".join(f'"{key}" = {_toml_value(value)}\n' for key, value in merged.items()))
+        return path
+
+    def runs(self) -> list[dict[str, Any]]:
+        done = self.flwr("ls", CONNECTION, "--format", "json")
+        if done.returncode != 0:
+            raise FedTuneError(f"flwr ls failed: {done.stdout[-1000:]} {done.stderr[-1000:]}")
+        return list(json.loads(done.stdout).get("runs", []))
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        for run in self.runs():
+            if int(run.get("run-id", -1)) == run_id:
+                return run
+        raise FedTuneError(f"run {run_id} not listed by the SuperLink")
+
+    def wait_for_run(self, run_id: int, timeout: float, poll: float = 2.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.run_info(run_id)
+            if str(info.get("status", "")).startswith("finished"):
+                return info
+            time.sleep(poll)
+        raise FedTuneError(f"run {run_id} did not finish within {timeout:.0f}s")
+
+    def run_dir(self, run_id: int) -> Path:
+        return self.outputs / str(run_id)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+

@@ -1,0 +1,185 @@
+"""Base model + LoRA adapter: loading (4-bit nf4 where asked), adapter state in and out of Flower records.
+
+The base weights never travel: only the LoRA arrays do. The server builds the initial adapter from the
+model's config on the meta device, so a CPU-only SuperLink host never needs the base weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedtune.config import ModelSettings
+from fedtune.embedded import resolve_model
+
+if TYPE_CHECKING:  # heavy imports stay inside functions: the SuperLink/CLI start fast
+    import torch
+    from flwr.app import ArrayRecord
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+# bf16 has no numpy dtype: on the wire a bf16 tensor is its raw 16-bit pattern in a uint16 array
+# (half the bytes of fp32, exact), tagged by the transport dtype in the message config.
+BF16_WIRE_DTYPE = np.uint16
+
+
+def pick_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    log.warning("no CUDA device: training on the CPU (slow; fine for the embedded demo model)")
+    return "cpu"
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def lora_config(settings: ModelSettings) -> LoraConfig:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.lora.r,
+        lora_alpha=settings.lora.alpha,
+        lora_dropout=settings.lora.dropout,
+        target_modules=list(settings.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model(settings.name), trust_remote_code=settings.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(settings: ModelSettings, device: str) -> PreTrainedModel:
+    """The frozen base model, quantised on load to nf4 (4) or int8 (8), or plain (0)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(device)
+    quantization = None
+    if settings.quantization == 4:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=False,
+        )
+    elif settings.quantization == 8:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model(settings.name),
+        quantization_config=quantization,
+        dtype=dtype,
+        device_map={"": 0} if device == "cuda" else "cpu",
+        trust_remote_code=settings.trust_remote_code,
+    )
+
+
+def load_trainable_model(settings: ModelSettings, device: str) -> PeftModel:
+    """Base model prepared for k-bit training with a fresh LoRA adapter attached."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base_model(settings, device)
+    if settings.quantization:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing
+        )
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return get_peft_model(model, lora_config(settings))
+
+
+def initial_adapter_state(settings: ModelSettings, seed: int) -> OrderedDict[str, torch.Tensor]:
+    """The LoRA adapter peft would initialise, built from the model config alone (meta device).
+
+    Only the LoRA matrices are materialised (A: peft's Kaiming init under `seed`, B: zeros), so this
+    costs megabytes even for an 8B model.
+    """
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+
+    name = resolve_model(settings.name)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=settings.trust_remote_code)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)
+        model = get_peft_model(base, lora_config(settings))
+    set_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_A:
+                module.lora_A[adapter].to_empty(device="cpu")
+                module.lora_B[adapter].to_empty(device="cpu")
+                module.reset_lora_parameters(adapter, init_lora_weights=True)
+    state = get_peft_model_state_dict(model)
+    return OrderedDict((key, tensor.detach().float().contiguous()) for key, tensor in state.items())
+
+
+def state_to_arrays(state: OrderedDict[str, torch.Tensor], transport_dtype: str) -> ArrayRecord:
+    """Adapter tensors to a Flower ArrayRecord, in the transport dtype (float32 or bfloat16)."""
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    record = ArrayRecord()
+    for key, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        if transport_dtype == "bfloat16":
+            bits = tensor.to(torch.bfloat16).view(torch.int16).numpy().view(BF16_WIRE_DTYPE)
+            record[key] = Array(bits)
+        else:
+            record[key] = Array(tensor.float().numpy())
+    return record
+
+
+def arrays_to_state(arrays: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
+    """Flower ArrayRecord (fp32, or bf16 carried as uint16) to float32 tensors."""
+    import torch
+
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, array in arrays.items():
+        values = array.numpy()
+        if values.dtype == BF16_WIRE_DTYPE:
+            tensor = torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16).float()
+        else:
+            tensor = torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
+        state[key] = tensor
+    return state
+
+
+def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
+    """The adapter's tensors in float32 (trl may train them in bf16 on a quantised base)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    return OrderedDict((key, tensor.detach().float().cpu()) for key, tensor in state.items())
+
+
+def load_adapter_state(model: PeftModel, state: OrderedDict[str, torch.Tensor]) -> None:
+    """Put global adapter weights into the model; every key must match exactly."""
+    from peft import set_peft_model_state_dict
+
+    expected = set(adapter_state(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"adapter keys differ from the model's: missing {missing[:3]}, extra {extra[:3]}")
+    result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise ValueError(f"unexpected adapter keys: {result.unexpected_keys[:3]}")

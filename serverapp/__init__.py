@@ -1,0 +1,1 @@
+"""ServerApp: FedAvg over the nodes' LoRA updates, checkpoints and communication accounting."""
