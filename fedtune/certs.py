@@ -168,11 +168,11 @@ def check_server_files(files: TlsFiles) -> None:
         ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
         cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
     except ValueError as err:
-        raise FedTuneError(f"not a PEM certificate: {files.server_cert} or {files.ca_cert} ({err})")
+        raise FedTuneError(f"not a PEM certificate: {files.server_cert} or {files.ca_cert} ({err})") from None
     try:
         key = serialization.load_pem_private_key(files.server_key.read_bytes(), password=None)
     except (ValueError, TypeError) as err:
-        raise FedTuneError(f"not an unencrypted PEM private key: {files.server_key} ({err})")
+        raise FedTuneError(f"not an unencrypted PEM private key: {files.server_key} ({err})") from None
     if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
         raise FedTuneError(f"{files.server_key} is not the key of {files.server_cert}")
     if cert.issuer != ca.subject:

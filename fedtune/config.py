@@ -165,7 +165,9 @@ KEYS: dict[str, _Key] = {
     "train.max-steps": _Key(("train", "max_steps"), int, _positive, "> 0"),
     "train.logging-steps": _Key(("train", "logging_steps"), int, _positive, "> 0"),
     "train.seed": _Key(("train", "seed"), int, _non_negative, ">= 0"),
-    "train.save-every-round": _Key(("train", "save_every_round"), int, _non_negative, ">= 0 (0 = final only)"),
+    "train.save-every-round": _Key(
+        ("train", "save_every_round"), int, _non_negative, ">= 0 (0 = final only)"
+    ),
     "train.packing": _Key(("train", "packing"), bool),
     "output.dir": _Key(("output_dir",), str, bool, "a folder"),
     "comm.budget-limit-mb": _Key(("budget_limit_mb",), float, _positive, "> 0"),
