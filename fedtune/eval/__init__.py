@@ -1,0 +1,1 @@
+"""MMLU evaluation by FlowerTune categories (`fedtune eval`)."""
