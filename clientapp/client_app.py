@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 from clientapp.trainer import train_one_round
 from fedtune.config import FedTuneConfig
 from fedtune.dataset import load_node_dataset
+from fedtune.logs import configure_logging
 from fedtune.model import (
     adapter_state,
     arrays_to_state,
@@ -34,6 +35,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = FedTuneConfig.from_run_config(context.run_config)
     round_config = msg.content["config"]
     server_round = int(round_config["server-round"])
+    configure_logging(run_id=msg.metadata.run_id, round=server_round, node_id=context.node_id)
     learning_rate = float(round_config["learning-rate"])
     transport_dtype = str(round_config.get("transport-dtype", cfg.model.transport_dtype))
 

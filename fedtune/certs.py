@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -175,8 +176,10 @@ def check_server_files(files: TlsFiles) -> None:
         raise FedTuneError(f"not an unencrypted PEM private key: {files.server_key} ({err})") from None
     if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
         raise FedTuneError(f"{files.server_key} is not the key of {files.server_cert}")
-    if cert.issuer != ca.subject:
-        raise FedTuneError(f"{files.server_cert} was not issued by the CA in {files.ca_cert}")
+    try:
+        cert.verify_directly_issued_by(ca)  # the signature, not just matching names
+    except (ValueError, TypeError, InvalidSignature):
+        raise FedTuneError(f"{files.server_cert} was not issued by the CA in {files.ca_cert}") from None
     if cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc):
         raise FedTuneError(f"{files.server_cert} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # heavy imports stay inside functions: the SuperLink/CLI star
     import torch
     from flwr.app import ArrayRecord
     from peft import LoraConfig, PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,9 @@ def load_trainable_model(settings: ModelSettings, device: str) -> PeftModel:
     return get_peft_model(model, lora_config(settings))
 
 
-def initial_adapter_state(settings: ModelSettings, seed: int) -> OrderedDict[str, torch.Tensor]:
+def initial_adapter_state(
+    settings: ModelSettings, seed: int, model_config: PretrainedConfig | None = None
+) -> OrderedDict[str, torch.Tensor]:
     """The LoRA adapter peft would initialise, built from the model config alone (meta device).
 
     Only the LoRA matrices are materialised (A: peft's Kaiming init under `seed`, B: zeros), so this
@@ -117,8 +119,9 @@ def initial_adapter_state(settings: ModelSettings, seed: int) -> OrderedDict[str
     from peft.tuners.lora import LoraLayer
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
-    name = resolve_model(settings.name)
-    config = AutoConfig.from_pretrained(name, trust_remote_code=settings.trust_remote_code)
+    config = model_config or AutoConfig.from_pretrained(
+        resolve_model(settings.name), trust_remote_code=settings.trust_remote_code
+    )
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)
         model = get_peft_model(base, lora_config(settings))

@@ -17,6 +17,8 @@ from fedtune.accounting import CommLedger
 from fedtune.checkpoint import load_adapter, save_adapter
 from fedtune.config import FedTuneConfig
 from fedtune.errors import FedTuneError
+from fedtune.exporter import results_notifier
+from fedtune.logs import bind_round, configure_logging
 from fedtune.model import arrays_to_state, initial_adapter_state, state_to_arrays
 from serverapp.results import RESULTS_FILE, RunResults, read_results
 from serverapp.strategy import FedTuneAvg, RoundObserver, run_dir_for
@@ -48,6 +50,7 @@ def _resume_point(resume_from: str) -> tuple[dict, Path]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    configure_logging(run_id=context.run_id)
     cfg = FedTuneConfig.from_run_config(context.run_config)
     run_dir = run_dir_for(cfg, context.run_id, os.environ.get(OUTPUT_DIR_ENV))
     results = RunResults(run_dir, context.run_id, cfg)
@@ -70,7 +73,8 @@ def main(grid: Grid, context: Context) -> None:
         results.write()
         remaining = cfg.num_server_rounds - first_round + 1
 
-        strategy = FedTuneAvg(cfg, results, first_round, ledger, ROUND_OBSERVERS)
+        observers = [*ROUND_OBSERVERS, results_notifier(results.path)]  # the metrics exporter
+        strategy = bind_round(FedTuneAvg(cfg, results, first_round, ledger, observers))
         final_state = state
         if remaining > 0:
             result = strategy.start(

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from fedtune.certs import TlsFiles, check_server_files
 from fedtune.errors import FedTuneError, one_line_errors
+from fedtune.exporter import start_sidecar
+from fedtune.logs import exec_args
 from fedtune.runtime_env import find_executable, flwr_env
 
 DEFAULT_PORT = 8000  # Fleet + Control + Runtime APIs over HTTPS (Flower >= 1.40)
@@ -112,9 +114,10 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join(cmd))
         return
     executable = find_executable(cmd[0])
+    start_sidecar(args)  # the metrics exporter, when FEDTUNE_METRICS_PORT is set (docs/observability.md)
     sys.stdout.flush()
     # exec: the SuperLink becomes this process, so signals from docker/kubelet reach it directly.
-    os.execve(executable, cmd, flwr_env())
+    os.execve(*exec_args(executable, cmd), flwr_env())
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import socket
 import sys
 
 from fedtune.errors import FedTuneError, one_line_errors
+from fedtune.logs import exec_args
 from fedtune.runtime_env import find_executable, flwr_env, require_file
 
 DEFAULT_CLIENTAPP_PORT = 9094
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     executable = find_executable(cmd[0])
     sys.stdout.flush()
-    os.execve(executable, cmd, flwr_env())
+    os.execve(*exec_args(executable, cmd), flwr_env())  # flwr's log lines through fedtune.logs
 
 
 if __name__ == "__main__":

@@ -1,0 +1,220 @@
+"""One logging pipeline for every fedtune process: structlog, JSON lines (or a console renderer on a TTY).
+
+`configure_logging()` is called once at each entry point (launchers, ServerApp `main`, ClientApp `train`,
+the metrics exporter). It routes three sources through the same structlog processors:
+
+- fedtune's own stdlib loggers (`logging.getLogger("fedtune.…")`, %-style messages, unchanged);
+- structlog loggers (`structlog.get_logger()`), with key/value events;
+- flwr's stdlib logger `flwr`: its own console handler is replaced, so its lines are JSON too.
+
+Context bound with `bind(run_id=…, round=…, node_id=…)` (contextvars) is added to every line, whatever
+logger emitted it. Environment:
+  FEDTUNE_LOG_FORMAT  json | console | auto (default: console on a TTY, else JSON); `flwr` leaves the
+                      SuperLink/SuperNode processes in flwr's own format
+  FEDTUNE_LOG_LEVEL   default: FLWR_LOG_LEVEL, else INFO
+
+`python -m fedtune.logs PROGRAM ARGS…` runs a console script (e.g. flower-superlink) in this process with
+the pipeline installed: the launchers exec it so the SuperLink's and SuperNode's own lines are JSON too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import structlog.tracebacks
+from structlog.contextvars import bind_contextvars, clear_contextvars, unbind_contextvars
+
+__all__ = [
+    "bind",
+    "bind_round",
+    "clear",
+    "configure_logging",
+    "get_logger",
+    "unbind",
+]
+
+FORMAT_ENV = "FEDTUNE_LOG_FORMAT"
+LEVEL_ENV = "FEDTUNE_LOG_LEVEL"
+_HANDLER_NAME = "fedtune-structlog"
+
+bind = bind_contextvars
+unbind = unbind_contextvars
+clear = clear_contextvars
+
+
+class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stdout is at emit time (flwr mirrors/redirects stdout for `flwr log`)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def _use_json(fmt: str | None) -> bool:
+    fmt = (fmt or os.environ.get(FORMAT_ENV) or "auto").strip().lower()
+    if fmt == "json":
+        return True
+    if fmt == "console":
+        return False
+    isatty = getattr(sys.stdout, "isatty", None)
+    return not (isatty is not None and isatty())
+
+
+def _level(level: int | str | None) -> int:
+    value = level or os.environ.get(LEVEL_ENV) or os.environ.get("FLWR_LOG_LEVEL") or "INFO"
+    if isinstance(value, int):
+        return value
+    resolved = logging.getLevelName(str(value).strip().upper())
+    return resolved if isinstance(resolved, int) else logging.INFO
+
+
+def _not_blank(record: logging.LogRecord) -> bool:
+    """flwr logs blank separator lines: keep every JSON line meaningful."""
+    return not (isinstance(record.msg, str) and not record.getMessage().strip())
+
+
+def _strip(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(event.get("event"), str):
+        event["event"] = event["event"].strip()
+    return event
+
+
+def configure_logging(
+    level: int | str | None = None,
+    fmt: str | None = None,
+    **context: Any,
+) -> None:
+    """Install the pipeline (idempotent) and bind `context` (e.g. run_id=…, node_id=…)."""
+    json_output = _use_json(fmt)
+    shared: list[Callable[..., Any]] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.ExtraAdder(),
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Callable[..., Any]
+    if json_output:
+        renderer = structlog.processors.JSONRenderer()
+        tail: list[Callable[..., Any]] = [
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        ]
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=True)
+        tail = []
+
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _strip,
+            *tail,
+            renderer,
+        ],
+    )
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if h.get_name() == _HANDLER_NAME), None)
+    if handler is None:
+        handler = _StdoutHandler()
+        handler.set_name(_HANDLER_NAME)
+        handler.addFilter(_not_blank)
+        root.addHandler(handler)
+    handler.setFormatter(formatter)
+    lvl = _level(level)
+    root.setLevel(lvl)
+    _route_flwr(lvl)
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    if context:
+        bind_contextvars(**context)
+
+
+def _route_flwr(level: int) -> None:
+    """flwr's logger has its own console handler (added when flwr is imported): ours replaces it.
+
+    Call configure_logging() after flwr is imported (entry points are: flwr runs them)."""
+    flwr_logger = logging.getLogger("flwr")
+    for handler in list(flwr_logger.handlers):
+        if type(handler).__name__ == "ConsoleHandler":
+            flwr_logger.removeHandler(handler)
+    flwr_logger.propagate = True
+    flwr_logger.setLevel(level)
+
+
+def get_logger(name: str | None = None, **context: Any) -> Any:
+    """A structlog logger (stdlib-backed) with `context` bound."""
+    logger = structlog.get_logger(name)
+    return logger.bind(**context) if context else logger
+
+
+def bind_round(strategy: Any) -> Any:
+    """Bind `round` for every log line emitted while `strategy` works on a round (FedAvg API).
+
+    Wraps the instance's configure_/aggregate_ train/evaluate methods; `global_round` (FedTuneAvg) maps
+    Flower's per-`start` round to the run's round after a resume."""
+    to_global = getattr(strategy, "global_round", lambda r: r)
+    for name in ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate"):
+        method = getattr(strategy, name, None)
+        if method is None:
+            continue
+
+        def wrapped(server_round: int, *args: Any, __method: Any = method, **kwargs: Any) -> Any:
+            bind_contextvars(round=int(to_global(server_round)))
+            return __method(server_round, *args, **kwargs)
+
+        setattr(strategy, name, wrapped)
+    return strategy
+
+
+def exec_args(executable: str, cmd: list[str]) -> tuple[str, list[str]]:
+    """(path, argv) for os.execve: run console script `cmd[0]` through this pipeline (flwr's lines become
+    JSON too). FEDTUNE_LOG_FORMAT=flwr keeps flwr's own format (exec the program directly)."""
+    if os.environ.get(FORMAT_ENV, "").strip().lower() == "flwr":
+        return executable, cmd
+    return sys.executable, [sys.executable, "-m", "fedtune.logs", executable, *cmd[1:]]
+
+
+def _run_console_script(argv: list[str]) -> None:
+    """Run console script `argv[0]` (an installed entry point) in-process with logging configured."""
+    from importlib.metadata import entry_points
+
+    if not argv:
+        raise SystemExit("usage: python -m fedtune.logs PROGRAM [ARGS...]")
+    name = os.path.basename(argv[0])
+    matches = [ep for ep in entry_points(group="console_scripts") if ep.name == name]
+    if not matches:
+        os.execvp(argv[0], argv)  # not a Python entry point: run it as is
+    main = matches[0].load()  # imports flwr (which adds its console handler) before we replace it
+    configure_logging()
+    sys.argv = [argv[0], *argv[1:]]
+    result = main()
+    raise SystemExit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+    _run_console_script(sys.argv[1:])

@@ -1,0 +1,85 @@
+"""Shared fixtures. Every process the tests start inherits an environment that never calls outside:
+flwr telemetry and update checks off, Hugging Face hubs offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.update(
+    {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_tiny_model(target: Path) -> Path:
+    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template (~3 M params).
+
+    Large init so its loss falls visibly within a few dozen steps."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, set_seed
+
+    from fedtune.embedded import embedded_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    set_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def demo_data_file() -> Path:
+    from fedtune.embedded import demo_dataset_file
+
+    return demo_dataset_file()
+
+
+def tiny_run_config(model_dir: Path, **overrides: object) -> dict[str, object]:
+    """Run-config overrides for fast end-to-end runs on the tiny model and the demo data."""
+    config: dict[str, object] = {
+        "num-server-rounds": 3,
+        "strategy.fraction-train": 1.0,
+        "model.name": str(model_dir),
+        "model.trust-remote-code": False,
+        "train.seq-length": 64,
+        "train.max-steps": 8,
+        "train.learning-rate-max": 3e-3,
+        "train.learning-rate-min": 1e-3,
+        "train.save-every-round": 2,
+        "train.optim": "paged_adamw_8bit",
+        "static.dataset.name": "embedded/demo-alpaca",
+        "static.num-partitions": 2,
+    }
+    config.update(overrides)
+    return config

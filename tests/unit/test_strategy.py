@@ -1,0 +1,168 @@
+"""FedTuneAvg on known arrays: weighting, byte accounting, rejections, checkpoints."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedtune.accounting import CommLedger
+from fedtune.config import FedTuneConfig
+from serverapp.results import RunResults
+from serverapp.strategy import FedTuneAvg
+
+KEYS = ("layer.lora_A.weight", "layer.lora_B.weight")
+
+
+@pytest.fixture(autouse=True)
+def _message_identity():
+    # Messages need a run/task identity; in a real run flwr sets it in the ServerApp process.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+
+
+class TwoNodeGrid:
+    """Just enough of a Grid for configure_train's sampling (the real one is exercised end to end)."""
+
+    def get_node_ids(self):
+        return [11, 22]
+
+
+def record(a: float, b: float) -> ArrayRecord:
+    return ArrayRecord(
+        {KEYS[0]: Array(np.full((2, 3), a, np.float32)), KEYS[1]: Array(np.full((3, 2), b, np.float32))}
+    )
+
+
+def make_strategy(tmp_path, **overrides):
+    run_config = {"strategy.fraction-train": 1.0, "train.save-every-round": 1, **overrides}
+    cfg = FedTuneConfig.from_run_config(run_config)
+    return FedTuneAvg(cfg, RunResults(tmp_path, 1, cfg)), cfg
+
+
+def reply_to(sent: Message, arrays: ArrayRecord | None, num_examples, loss=1.0) -> Message:
+    content = RecordDict({"metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content, reply_to=sent)
+
+
+def configure(strategy, server_round=1):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            "flwr.serverapp.strategy.fedavg.sample_nodes", lambda grid, _min, size: ([11, 22], [11, 22])
+        )
+        return list(strategy.configure_train(server_round, record(0.0, 0.0), ConfigRecord(), TwoNodeGrid()))
+
+
+def npy_bytes(array: np.ndarray) -> int:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return len(buffer.getvalue())
+
+
+def test_fedavg_weights_by_examples_and_counts_bytes(tmp_path):
+    strategy, cfg = make_strategy(tmp_path)
+    sent = configure(strategy)
+    assert [m.metadata.dst_node_id for m in sent] == [11, 22]
+    assert sent[0].content["config"]["learning-rate"] == pytest.approx(cfg.learning_rate(1))
+    replies = [reply_to(sent[0], record(1.0, 2.0), 10, 2.0), reply_to(sent[1], record(4.0, 8.0), 30, 1.0)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    a, b = arrays[KEYS[0]].numpy(), arrays[KEYS[1]].numpy()
+    np.testing.assert_allclose(a, (10 * 1.0 + 30 * 4.0) / 40)
+    np.testing.assert_allclose(b, (10 * 2.0 + 30 * 8.0) / 40)
+    assert metrics["train-loss"] == pytest.approx((10 * 2.0 + 30 * 1.0) / 40)
+
+    # leaderboard formula, computed independently: .npy bytes + key bytes, per message
+    per_message = sum(npy_bytes(np.zeros(s, np.float32)) + len(k) for k, s in zip(KEYS, [(2, 3), (3, 2)]))
+    traffic = strategy.ledger.round(1)
+    assert traffic.node(11).down_bytes == traffic.node(22).down_bytes == per_message
+    assert traffic.node(11).up_bytes == traffic.node(22).up_bytes == per_message
+    assert strategy.ledger.total_bytes == 4 * per_message
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["budget_bytes"] == 4 * per_message
+    assert results["budget_mb"] == 4 * per_message / 1024**2
+    assert results["rounds"][0]["replied"] == [11, 22]
+    assert (tmp_path / "checkpoints" / "round-0001" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("bad_arrays", "num_examples", "reason"),
+    [
+        (record(float("nan"), 1.0), 10, "non-finite"),
+        (record(float("inf"), 1.0), 10, "non-finite"),
+        (ArrayRecord({KEYS[0]: Array(np.zeros((2, 3), np.float32))}), 10, "wrong-keys"),
+        (
+            ArrayRecord({KEYS[0]: Array(np.zeros((3, 3), np.float32)), KEYS[1]: Array(np.zeros((3, 2), np.float32))}),
+            10,
+            "wrong-shape",
+        ),
+        (
+            ArrayRecord({KEYS[0]: Array(np.zeros((2, 3), np.float64)), KEYS[1]: Array(np.zeros((3, 2), np.float64))}),
+            10,
+            "oversize",
+        ),
+        (
+            ArrayRecord({KEYS[0]: Array(np.zeros((2, 3), np.float16)), KEYS[1]: Array(np.zeros((3, 2), np.float16))}),
+            10,
+            "wrong-dtype",
+        ),
+        (record(1.0, 1.0), 0, "bad-num-examples"),
+        (record(1.0, 1.0), -3, "bad-num-examples"),
+        (None, 10, "missing-arrays"),
+    ],
+)
+def test_bad_updates_are_rejected_before_aggregation(tmp_path, bad_arrays, num_examples, reason):
+    strategy, _ = make_strategy(tmp_path)
+    sent = configure(strategy)
+    good = reply_to(sent[0], record(2.0, 2.0), 10)
+    bad = reply_to(sent[1], bad_arrays, num_examples)
+    arrays, _ = strategy.aggregate_train(1, [good, bad])
+    np.testing.assert_allclose(arrays[KEYS[0]].numpy(), 2.0)  # only the good update counts
+    assert strategy.results.payload["rounds"][0]["rejected"] == {"22": reason}
+
+
+def test_all_rejected_or_failed_keeps_the_global_adapter(tmp_path):
+    strategy, _ = make_strategy(tmp_path)
+    sent = configure(strategy)
+    failed = Message(Error(code=0, reason="node lost"), reply_to=sent[0])
+    bad = reply_to(sent[1], record(float("nan"), 0.0), 10)
+    arrays, metrics = strategy.aggregate_train(1, [failed, bad])
+    assert arrays is None and metrics is None
+    round_record = strategy.results.payload["rounds"][0]
+    assert round_record["failed"] == [11] and round_record["aggregated"] is False
+    # the kept global adapter is what `latest` holds
+    from fedtune.checkpoint import load_adapter
+
+    kept = load_adapter(tmp_path / "latest")
+    assert float(kept[KEYS[0]].abs().sum()) == 0.0
+
+
+def test_bf16_transport_halves_the_array_bytes_and_aggregates_in_fp32(tmp_path):
+    strategy, _ = make_strategy(tmp_path, **{"model.transport-dtype": "bfloat16"})
+    sent = configure(strategy)
+    wire = sent[0].content["arrays"]
+    assert all(np.dtype(a.dtype) == np.uint16 for a in wire.values())
+    fp32_bytes = record(0.0, 0.0).count_bytes()
+    header_and_keys = sum(npy_bytes(np.zeros(s, np.float32)) - 4 * 6 + len(k) for k, s in zip(KEYS, [(2, 3), (3, 2)]))
+    assert wire.count_bytes() - header_and_keys == (fp32_bytes - header_and_keys) // 2
+
+    from fedtune.model import arrays_to_state, state_to_arrays
+
+    def bf16(a, b):
+        return state_to_arrays(arrays_to_state(record(a, b)), "bfloat16")
+
+    arrays, _ = strategy.aggregate_train(1, [reply_to(sent[0], bf16(1.0, 2.0), 1), reply_to(sent[1], bf16(3.0, 4.0), 1)])
+    assert arrays[KEYS[0]].numpy().dtype == np.float32
+    np.testing.assert_allclose(arrays[KEYS[0]].numpy(), 2.0)
+    np.testing.assert_allclose(arrays[KEYS[1]].numpy(), 3.0)
+
+
+def test_ledger_carries_bytes_over_a_resume():
+    ledger = CommLedger(carried_bytes=100)
+    ledger.record_down(4, 1, 10)
+    ledger.record_up(4, 1, 5)
+    assert ledger.total_bytes == 115 and ledger.cumulative_bytes(3) == 100
