@@ -87,7 +87,10 @@ def test_budget_is_the_leaderboard_formula(finished_run):
 def test_supernode_with_another_ca_cannot_join(federation, tmp_path):
     foreign = generate(tmp_path / "foreign", ["localhost", "127.0.0.1"])
     node = federation.start_supernode(
-        0, 2, root_certificates=foreign.ca_cert, extra_args=["--max-retries", "1", "--max-wait-time", "20"],
+        0,
+        2,
+        root_certificates=foreign.ca_cert,
+        extra_args=["--max-retries", "1", "--max-wait-time", "20"],
         name="supernode-foreign-ca",
     )
     deadline = time.monotonic() + 120

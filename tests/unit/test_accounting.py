@@ -15,18 +15,29 @@ def internlm3_8b_shaped_config():
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=128512, hidden_size=4096, intermediate_size=10240, num_hidden_layers=48,
-        num_attention_heads=32, num_key_value_heads=2, head_dim=128, rope_theta=50_000_000,
+        vocab_size=128512,
+        hidden_size=4096,
+        intermediate_size=10240,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=128,
+        rope_theta=50_000_000,
         tie_word_embeddings=False,
     )
 
 
 def test_count_bytes_is_npy_bytes_plus_key_bytes():
     state = initial_adapter_state(
-        ModelSettings(name="unused", trust_remote_code=False), seed=0,
+        ModelSettings(name="unused", trust_remote_code=False),
+        seed=0,
         model_config=internlm3_8b_shaped_config().__class__(
-            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
         ),
     )
     record = state_to_arrays(state, "float32")

@@ -76,7 +76,9 @@ def test_fedavg_weights_by_examples_and_counts_bytes(tmp_path):
     assert metrics["train-loss"] == pytest.approx((10 * 2.0 + 30 * 1.0) / 40)
 
     # leaderboard formula, computed independently: .npy bytes + key bytes, per message
-    per_message = sum(npy_bytes(np.zeros(s, np.float32)) + len(k) for k, s in zip(KEYS, [(2, 3), (3, 2)]))
+    per_message = sum(
+        npy_bytes(np.zeros(s, np.float32)) + len(k) for k, s in zip(KEYS, [(2, 3), (3, 2)], strict=False)
+    )
     traffic = strategy.ledger.round(1)
     assert traffic.node(11).down_bytes == traffic.node(22).down_bytes == per_message
     assert traffic.node(11).up_bytes == traffic.node(22).up_bytes == per_message
@@ -96,17 +98,23 @@ def test_fedavg_weights_by_examples_and_counts_bytes(tmp_path):
         (record(float("inf"), 1.0), 10, "non-finite"),
         (ArrayRecord({KEYS[0]: Array(np.zeros((2, 3), np.float32))}), 10, "wrong-keys"),
         (
-            ArrayRecord({KEYS[0]: Array(np.zeros((3, 3), np.float32)), KEYS[1]: Array(np.zeros((3, 2), np.float32))}),
+            ArrayRecord(
+                {KEYS[0]: Array(np.zeros((3, 3), np.float32)), KEYS[1]: Array(np.zeros((3, 2), np.float32))}
+            ),
             10,
             "wrong-shape",
         ),
         (
-            ArrayRecord({KEYS[0]: Array(np.zeros((2, 3), np.float64)), KEYS[1]: Array(np.zeros((3, 2), np.float64))}),
+            ArrayRecord(
+                {KEYS[0]: Array(np.zeros((2, 3), np.float64)), KEYS[1]: Array(np.zeros((3, 2), np.float64))}
+            ),
             10,
             "oversize",
         ),
         (
-            ArrayRecord({KEYS[0]: Array(np.zeros((2, 3), np.float16)), KEYS[1]: Array(np.zeros((3, 2), np.float16))}),
+            ArrayRecord(
+                {KEYS[0]: Array(np.zeros((2, 3), np.float16)), KEYS[1]: Array(np.zeros((3, 2), np.float16))}
+            ),
             10,
             "wrong-dtype",
         ),
@@ -147,7 +155,10 @@ def test_bf16_transport_halves_the_array_bytes_and_aggregates_in_fp32(tmp_path):
     wire = sent[0].content["arrays"]
     assert all(np.dtype(a.dtype) == np.uint16 for a in wire.values())
     fp32_bytes = record(0.0, 0.0).count_bytes()
-    header_and_keys = sum(npy_bytes(np.zeros(s, np.float32)) - 4 * 6 + len(k) for k, s in zip(KEYS, [(2, 3), (3, 2)]))
+    header_and_keys = sum(
+        npy_bytes(np.zeros(s, np.float32)) - 4 * 6 + len(k)
+        for k, s in zip(KEYS, [(2, 3), (3, 2)], strict=False)
+    )
     assert wire.count_bytes() - header_and_keys == (fp32_bytes - header_and_keys) // 2
 
     from fedtune.model import arrays_to_state, state_to_arrays
@@ -155,7 +166,9 @@ def test_bf16_transport_halves_the_array_bytes_and_aggregates_in_fp32(tmp_path):
     def bf16(a, b):
         return state_to_arrays(arrays_to_state(record(a, b)), "bfloat16")
 
-    arrays, _ = strategy.aggregate_train(1, [reply_to(sent[0], bf16(1.0, 2.0), 1), reply_to(sent[1], bf16(3.0, 4.0), 1)])
+    arrays, _ = strategy.aggregate_train(
+        1, [reply_to(sent[0], bf16(1.0, 2.0), 1), reply_to(sent[1], bf16(3.0, 4.0), 1)]
+    )
     assert arrays[KEYS[0]].numpy().dtype == np.float32
     np.testing.assert_allclose(arrays[KEYS[0]].numpy(), 2.0)
     np.testing.assert_allclose(arrays[KEYS[1]].numpy(), 3.0)
