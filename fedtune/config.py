@@ -33,6 +33,8 @@ class ModelSettings:
     trust_remote_code: bool = True
     quantization: int = 4
     gradient_checkpointing: bool = True
+    # checkpoint every n-th decoder layer only (1 = all, the reference); larger trades memory for speed
+    gradient_checkpointing_every: int = 1
     lora: LoraSettings = field(default_factory=LoraSettings)
     # dtype of adapter arrays on the wire; the server always aggregates in float32
     transport_dtype: str = "float32"
@@ -52,6 +54,11 @@ class TrainSettings:
     seed: int = 42
     save_every_round: int = 5
     packing: bool = False
+    # padding-free micro-batches: the batch's samples are concatenated into one row (same samples and
+    # loss as the padded batch, no padding compute); see docs/performance.md
+    padding_free: bool = False
+    # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU) where the liger-kernel package is installed
+    liger_kernel: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,9 @@ KEYS: dict[str, _Key] = {
         ("model", "quantization"), int, lambda v: v in QUANTIZATION_BITS, f"one of {QUANTIZATION_BITS}"
     ),
     "model.gradient-checkpointing": _Key(("model", "gradient_checkpointing"), bool),
+    "model.gradient-checkpointing-every": _Key(
+        ("model", "gradient_checkpointing_every"), int, _positive, "> 0 (1 = every layer)"
+    ),
     "model.lora.r": _Key(("model", "lora", "r"), int, _positive, "> 0"),
     "model.lora.alpha": _Key(("model", "lora", "alpha"), int, _positive, "> 0"),
     "model.lora.dropout": _Key(("model", "lora", "dropout"), float, lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -169,6 +179,8 @@ KEYS: dict[str, _Key] = {
         ("train", "save_every_round"), int, _non_negative, ">= 0 (0 = final only)"
     ),
     "train.packing": _Key(("train", "packing"), bool),
+    "train.padding-free": _Key(("train", "padding_free"), bool),
+    "train.liger-kernel": _Key(("train", "liger_kernel"), bool),
     "output.dir": _Key(("output_dir",), str, bool, "a folder"),
     "comm.budget-limit-mb": _Key(("budget_limit_mb",), float, _positive, "> 0"),
     "resume.from": _Key(("resume_from",), str),
