@@ -1,7 +1,8 @@
 """The fedtune ClientApp: receive the global adapter, train it locally, reply with the update.
 
 Flower starts a fresh ClientApp process for every message, so each round loads the (4-bit) base
-model anew; see README "Round overhead" for how a node keeps that cheap.
+model anew, unless the SuperNode runs a warm trainer (`fedtune-supernode --warm-trainer`) that keeps it
+loaded; see docs/performance.md.
 """
 
 from __future__ import annotations
@@ -11,19 +12,10 @@ import logging
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clientapp.trainer import train_one_round
+from clientapp import warm_client
+from clientapp.round import run_round
 from fedtune.config import FedTuneConfig
-from fedtune.dataset import load_node_dataset
 from fedtune.logs import configure_logging
-from fedtune.model import (
-    adapter_state,
-    arrays_to_state,
-    load_adapter_state,
-    load_tokenizer,
-    load_trainable_model,
-    pick_device,
-    state_to_arrays,
-)
 
 log = logging.getLogger("fedtune.clientapp")
 
@@ -39,36 +31,23 @@ def train(msg: Message, context: Context) -> Message:
     learning_rate = float(round_config["learning-rate"])
     transport_dtype = str(round_config.get("transport-dtype", cfg.model.transport_dtype))
 
-    trainset, skipped = load_node_dataset(
-        cfg.dataset.name, dict(context.node_config), cfg.dataset.num_partitions
-    )
-    device = pick_device()
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_trainable_model(cfg.model, device)
+    node_config = dict(context.node_config)
     global_arrays: ArrayRecord = msg.content["arrays"]
-    load_adapter_state(model, arrays_to_state(global_arrays))
 
-    outcome = train_one_round(
-        model, tokenizer, trainset, cfg.train, learning_rate, device, cfg.model.gradient_checkpointing
-    )
+    result = None
+    service = warm_client.socket_path(node_config)
+    if service:  # a node-local warm trainer keeps the model loaded across rounds (docs/performance.md)
+        result = warm_client.train_remote(
+            service, dict(context.run_config), node_config,
+            {"server-round": server_round, "learning-rate": learning_rate, "transport-dtype": transport_dtype},
+            global_arrays,
+        )
+    if result is None:
+        result = run_round(cfg, node_config, server_round, learning_rate, transport_dtype, global_arrays)
+    arrays, metrics, _ = result
     log.info(
         "round %d: loss %.4f over %d steps, %.1f tokens/s",
-        server_round, outcome.train_loss, outcome.steps, outcome.tokens_per_second,
+        server_round, metrics["train-loss"], metrics["train-steps"], metrics["tokens-per-second"],
     )
-    metrics = MetricRecord(
-        {
-            "num-examples": len(trainset),
-            "train-loss": outcome.train_loss,
-            "train-steps": outcome.steps,
-            "train-seconds": outcome.seconds,
-            "train-tokens": outcome.tokens,
-            "tokens-per-second": outcome.tokens_per_second,
-            "peak-memory-bytes": outcome.peak_memory_bytes,
-            "skipped-rows": skipped,
-            "partition-id": int(context.node_config.get("partition-id", -1)),
-        }
-    )
-    reply = RecordDict(
-        {"arrays": state_to_arrays(adapter_state(model), transport_dtype), "metrics": metrics}
-    )
+    reply = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)

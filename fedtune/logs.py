@@ -199,6 +199,24 @@ def exec_args(executable: str, cmd: list[str]) -> tuple[str, list[str]]:
     return sys.executable, [sys.executable, "-m", "fedtune.logs", executable, *cmd[1:]]
 
 
+def _adopt_after_dict_config(names: tuple[str, ...]) -> None:
+    """flwr hands uvicorn a logging dictConfig with its own handlers: re-route those loggers to ours
+    after any dictConfig call (the HTTP server's lines become JSON too)."""
+    import logging.config
+
+    original = logging.config.dictConfig
+
+    def dict_config(config: dict[str, Any]) -> None:
+        original(config)
+        for name in names:
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
+
+    logging.config.dictConfig = dict_config
+
+
 def _run_console_script(argv: list[str]) -> None:
     """Run console script `argv[0]` (an installed entry point) in-process with logging configured."""
     from importlib.metadata import entry_points
@@ -211,6 +229,7 @@ def _run_console_script(argv: list[str]) -> None:
         os.execvp(argv[0], argv)  # not a Python entry point: run it as is
     main = matches[0].load()  # imports flwr (which adds its console handler) before we replace it
     configure_logging()
+    _adopt_after_dict_config(("uvicorn", "uvicorn.error", "uvicorn.access"))
     sys.argv = [argv[0], *argv[1:]]
     result = main()
     raise SystemExit(result if isinstance(result, int) else 0)

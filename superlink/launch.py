@@ -3,6 +3,10 @@
 Every flag also reads an environment variable (container and chart friendly):
 FEDTUNE_CERTS_DIR, FEDTUNE_DATABASE, FEDTUNE_HOST, FEDTUNE_PORT, FEDTUNE_HEALTH_PORT,
 FEDTUNE_SUPERNODE_AUTH (1/0), FEDTUNE_INSECURE (1/0).
+
+SuperNode authentication is ON by default over TLS: only SuperNodes whose public keys were registered
+(`fedtune-keys generate` + `fedtune-keys register`, see fedtune/auth.py) may join. Turn it off explicitly
+with --no-supernode-auth or FEDTUNE_SUPERNODE_AUTH=0; --insecure (testing only) implies it is off.
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ DEFAULT_HEALTH_PORT = 9095  # gRPC health service, for Kubernetes `grpc:` probes
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_tristate(name: str) -> bool | None:
+    """True/False when the variable says so, None (= the default) when unset or empty."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    return value in {"1", "true", "yes", "on"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC health service port (0 disables)",
     )
     parser.add_argument(
-        "--enable-supernode-auth", action="store_true", default=_env_flag("FEDTUNE_SUPERNODE_AUTH"),
-        help="only SuperNodes whose public keys were registered may join (needs TLS)",
+        "--enable-supernode-auth", action="store_true", default=_env_tristate("FEDTUNE_SUPERNODE_AUTH"),
+        help="only SuperNodes whose public keys were registered may join (needs TLS; the default with TLS)",
+    )
+    parser.add_argument(
+        "--no-supernode-auth", dest="enable_supernode_auth", action="store_false",
+        help="let any SuperNode that trusts the CA join (no key registration)",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the flower-superlink command and exit"
@@ -97,6 +113,8 @@ def build_command(args: argparse.Namespace) -> list[str]:
             "--ssl-certfile", str(files.server_cert),
             "--ssl-keyfile", str(files.server_key),
         ]
+    if args.enable_supernode_auth is None:  # unset: on with TLS, off with --insecure
+        args.enable_supernode_auth = not args.insecure
     if args.enable_supernode_auth:
         cmd.append("--enable-supernode-auth")
     extra = list(args.extra or [])
@@ -114,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join(cmd))
         return
     executable = find_executable(cmd[0])
+    if args.enable_supernode_auth:
+        print("SuperNode authentication is on: only SuperNodes with registered keys may join (fedtune-keys)")
     start_sidecar(args)  # the metrics exporter, when FEDTUNE_METRICS_PORT is set (docs/observability.md)
     sys.stdout.flush()
     # exec: the SuperLink becomes this process, so signals from docker/kubelet reach it directly.

@@ -68,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-retries", type=int, default=_env_int("FEDTUNE_MAX_RETRIES"))
     parser.add_argument("--max-wait-time", type=float, default=None)
+    parser.add_argument(
+        "--warm-trainer", action="store_true", default=_env_flag("FEDTUNE_WARM_TRAINER"),
+        help="keep the model loaded across rounds in a node-local trainer (docs/performance.md)",
+    )
+    parser.add_argument(
+        "--trainer-socket", default=env("FEDTUNE_TRAINER_SOCKET"),
+        help="Unix socket of the warm trainer (default: per --clientapp-port, in the temp folder)",
+    )
+    parser.add_argument(
+        "--warm-trainer-preload", default=env("FEDTUNE_WARM_TRAINER_PRELOAD"), metavar="RUN_CONFIG_TOML",
+        help="load this run config's model when the warm trainer starts (else on the first round)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the command and exit")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to flower-supernode")
     return parser
@@ -105,7 +117,15 @@ def node_config(args: argparse.Namespace, partition: int) -> str:
     items = [f"partition-id={partition}", f"num-partitions={args.num_partitions}"]
     if args.data_path:
         items.append(f"data-path={json.dumps(str(args.data_path))}")
+    if getattr(args, "warm_trainer", False):
+        items.append(f"trainer-socket={json.dumps(trainer_socket(args))}")
     return " ".join(items)
+
+
+def trainer_socket(args: argparse.Namespace) -> str:
+    from supernode.trainer_service import default_socket_path
+
+    return args.trainer_socket or default_socket_path(args.clientapp_port)
 
 
 def build_command(args: argparse.Namespace) -> list[str]:
@@ -132,6 +152,9 @@ def build_command(args: argparse.Namespace) -> list[str]:
             )
         cmd += ["--root-certificates", str(require_file(args.root_certificates, "CA certificate"))]
     if args.auth_key:
+        from fedtune.auth import load_private_key
+
+        load_private_key(args.auth_key)  # a missing or unreadable key: one line here, not flwr's exit 3xx
         cmd += ["--auth-supernode-private-key", str(require_file(args.auth_key, "SuperNode auth key"))]
     if args.max_retries is not None:
         cmd += ["--max-retries", str(args.max_retries)]
@@ -153,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join(cmd))
         return
     executable = find_executable(cmd[0])
+    if args.warm_trainer:  # a child that outlives this exec and ends with flower-supernode
+        from supernode.trainer_service import spawn
+
+        spawn(trainer_socket(args), args.warm_trainer_preload)
     sys.stdout.flush()
     os.execve(*exec_args(executable, cmd), flwr_env())  # flwr's log lines through fedtune.logs
 
