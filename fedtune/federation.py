@@ -73,6 +73,10 @@ class LocalFederation:
     extra_env: dict[str, str] = field(default_factory=dict)
     superlink: ManagedProcess | None = None
     supernodes: list[ManagedProcess] = field(default_factory=list)
+    # SuperNode authentication: the SuperLink admits only registered keys; start_supernode generates
+    # and registers one ECDSA key per node name (fedtune/auth.py). Off by default here (demo, tests).
+    supernode_auth: bool = False
+    registered_keys: dict[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -95,6 +99,10 @@ class LocalFederation:
     @property
     def flwr_home(self) -> Path:
         return self.workdir / "flwr-home"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.workdir / "keys"
 
     @property
     def address(self) -> str:
@@ -133,6 +141,7 @@ class LocalFederation:
                 "--host", self.host,
                 "--port", str(self.port),
                 "--health-port", str(self.health_port),
+                "--enable-supernode-auth" if self.supernode_auth else "--no-supernode-auth",
                 *(extra_args or []),
             ],
             self.env(),
@@ -169,9 +178,16 @@ class LocalFederation:
         root_certificates: Path | None = None,
         extra_args: list[str] | None = None,
         name: str | None = None,
+        auth: bool | None = None,
     ) -> ManagedProcess:
+        """Start a SuperNode; with auth (default: the federation's `supernode_auth`) it joins with the
+        key of `name`, generated and registered on first use (a restarted node keeps its node id)."""
+        name = name or f"supernode-{partition_id}"
+        extra_args = list(extra_args or [])
+        if (self.supernode_auth if auth is None else auth) and "--auth-key" not in extra_args:
+            extra_args += ["--auth-key", str(self.node_key(name))]
         node = self._spawn(
-            name or f"supernode-{partition_id}",
+            name,
             [
                 "supernode",
                 "--superlink", self.address,
@@ -185,6 +201,16 @@ class LocalFederation:
         )
         self.supernodes.append(node)
         return node
+
+    def node_key(self, name: str, register: bool = True) -> Path:
+        """The private key of SuperNode `name` (generated once), registered with the SuperLink."""
+        from fedtune.auth import generate
+        from fedtune.auth import register as register_key
+
+        pair, _ = generate(self.keys_dir, name)
+        if register and name not in self.registered_keys:
+            self.registered_keys[name] = register_key(pair.public_key, CONNECTION, self.flwr_home)
+        return pair.private_key
 
     def stop(self) -> None:
         for node in reversed(self.supernodes):

@@ -133,6 +133,17 @@ class FedTuneAvg(FedAvg):
                 )
             accepted.append(reply)
 
+        # sampled but silent until strategy.round-timeout: as lost as an error reply
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for node_id in sorted(set(self._sampled.get(current, [])) - answered):
+            failed.append(node_id)
+            log.warning("round %d: node %d sent no reply within the round timeout", current, node_id)
+        if failed:  # node loss: the round goes on with what arrived (heartbeat timeout or round-timeout)
+            log.warning(
+                "round %d: lost %d of %d sampled nodes (%s); aggregating the %d accepted replies",
+                current, len(failed), len(self._sampled.get(current, [])) or len(replies),
+                ", ".join(str(n) for n in sorted(failed)), len(accepted),
+            )
         arrays, metrics = super().aggregate_train(current, accepted)
         if arrays is None:
             log.warning("round %d: no acceptable update; the global adapter stays as it was", current)
