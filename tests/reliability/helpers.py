@@ -1,0 +1,103 @@
+"""Fault injection helpers: waiting on results.json, finding Flower's child processes, comparing adapters."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPORT: list[dict[str, Any]] = []  # what each test injected and what survived (printed at the end)
+
+
+def report(test: str, **facts: Any) -> None:
+    REPORT.append({"test": test, **facts})
+    print(f"[reliability] {test}: {json.dumps(facts, default=str)}", flush=True)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def rounds_done(run_dir: Path) -> int:
+    return len(read_results(run_dir).get("rounds", []))
+
+
+# ---- processes ----------------------------------------------------------------------------------
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def descendants(pid: int, marker: str) -> list[int]:
+    """Live descendants of `pid` whose command line contains `marker` (e.g. flwr-serverapp)."""
+    tree, found, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            todo.append(child)
+            if marker in cmdline(child):
+                found.append(child)
+    return found
+
+
+def kill9(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+# ---- adapters -----------------------------------------------------------------------------------
+def load_state(folder: Path) -> dict[str, Any]:
+    from fedtune.checkpoint import load_adapter
+
+    return dict(load_adapter(Path(folder)))
+
+
+def states_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def all_finite(state: dict[str, Any]) -> bool:
+    import torch
+
+    return all(bool(torch.isfinite(v).all()) for v in state.values())
