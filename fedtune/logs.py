@@ -148,6 +148,7 @@ def configure_logging(
     lvl = _level(level)
     root.setLevel(lvl)
     _route_flwr(lvl)
+    logging.captureWarnings(True)  # Python warnings (transformers, bitsandbytes) become log lines too
     for noisy in ("httpx", "httpcore", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
     if context:
