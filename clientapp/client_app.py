@@ -39,7 +39,11 @@ def train(msg: Message, context: Context) -> Message:
     if service:  # a node-local warm trainer keeps the model loaded across rounds (docs/performance.md)
         result = warm_client.train_remote(
             service, dict(context.run_config), node_config,
-            {"server-round": server_round, "learning-rate": learning_rate, "transport-dtype": transport_dtype},
+            {
+                "server-round": server_round,
+                "learning-rate": learning_rate,
+                "transport-dtype": transport_dtype,
+            },
             global_arrays,
         )
     if result is None:

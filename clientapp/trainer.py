@@ -1,12 +1,21 @@
-"""One round of local training: trl's SFTTrainer on the node's data, for the configured steps."""
+"""One round of local training: trl's SFTTrainer on the node's data, for the configured steps.
+
+Speed levers (all off by default, so the defaults stay the FlowerTune reference; see docs/performance.md):
+- `train.padding-free`: the micro-batch's samples are concatenated into one row (position ids restart per
+  sample, attention stays within each sample), so micro-batch 4 × accumulation 1 trains on exactly the samples
+  of the reference's 1 × 4 with the same token-weighted loss, in one forward/backward instead of four.
+- `model.gradient-checkpointing-every`: checkpoint only every n-th decoder layer.
+- `train.liger-kernel`: Liger's fused RMSNorm/RoPE/SwiGLU kernels (needs the liger-kernel package).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedtune.config import TrainSettings
 
@@ -22,21 +31,48 @@ class RoundOutcome:
 
     train_loss: float
     steps: int
-    seconds: float
+    seconds: float  # trainer.train() only
     tokens: int  # real (non-padding) tokens seen
     peak_memory_bytes: int
     loss_history: tuple[float, ...]
+    setup_seconds: float = 0.0  # building the trainer (tokenising the data unless cached)
+    step_seconds: tuple[float, ...] = ()  # wall time of each optimizer step
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def uses_padding_free(settings: TrainSettings) -> bool:
+    """trl's padding-free collator is on for BFD packing and for `train.padding-free`."""
+    return settings.packing or settings.padding_free
+
+
 def sft_config(
-    settings: TrainSettings, learning_rate: float, device: str, gradient_checkpointing: bool, output_dir: str
+    settings: TrainSettings,
+    learning_rate: float,
+    device: str,
+    gradient_checkpointing: bool,
+    output_dir: str,
+    checkpoint_every: int = 1,
 ):  # -> SFTConfig (import kept lazy)
     from trl import SFTConfig
 
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    checkpoint_kwargs: dict[str, Any] | None = None
+    if gradient_checkpointing:
+        checkpoint_kwargs = {"use_reentrant": False}
+        if checkpoint_every > 1:
+            checkpoint_kwargs["every_n_layers"] = checkpoint_every
+    # transformers >= 5.2x calls it activation checkpointing; older 5.x only know the gradient_ names
+    prefix = "activation" if "activation_checkpointing" in fields else "gradient"
+    extra: dict[str, Any] = {
+        f"{prefix}_checkpointing": gradient_checkpointing,
+        f"{prefix}_checkpointing_kwargs": checkpoint_kwargs,
+    }
+    if settings.liger_kernel:
+        extra["use_liger_kernel"] = True
+    padding_free = uses_padding_free(settings)
     return SFTConfig(
         output_dir=output_dir,
         max_length=settings.seq_length,
@@ -51,19 +87,68 @@ def sft_config(
         logging_steps=settings.logging_steps,
         seed=settings.seed,
         data_seed=settings.seed,
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         bf16=device == "cuda",
         use_cpu=device == "cpu",
         packing=settings.packing,
+        # Without packing, padding-free is switched on after trl has tokenised and truncated the data
+        # (trl refuses padding_free + max_length without packing): see `train_one_round`.
         padding_free=settings.packing,
         completion_only_loss=True,
-        include_num_input_tokens_seen="non_padding",
+        # A padding-free row has no padding at all; a padded batch counts its attention mask.
+        include_num_input_tokens_seen="all" if padding_free else "non_padding",
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **extra,
     )
+
+
+def _step_clock() -> Any:
+    """A TrainerCallback recording the wall time of each optimizer step (class built lazily: no
+    transformers import at module load)."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+            self.synchronize: Any = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            import torch
+
+            self.synchronize = torch.cuda.synchronize if torch.cuda.is_available() else None
+            self.marks = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.synchronize is not None:
+                self.synchronize()
+            self.marks.append(time.perf_counter())
+
+        def seconds(self) -> tuple[float, ...]:
+            return tuple(b - a for a, b in zip(self.marks, self.marks[1:], strict=False))
+
+    return StepClock()
+
+
+def _forward_attributes(model: PeftModel) -> list[tuple[Any, Any]]:
+    """Instance-level `forward` overrides (trl's fused LM head, accelerate's autocast wrapper) of the
+    PEFT model and its base, so a model kept warm across rounds can be given back unpatched."""
+    modules = [model]
+    if hasattr(model, "get_base_model"):
+        modules.append(model.get_base_model())
+    return [(m, m.__dict__.get("forward", _MISSING)) for m in modules]
+
+
+_MISSING = object()
+
+
+def _restore_forward_attributes(saved: list[tuple[Any, Any]]) -> None:
+    for module, forward in saved:
+        if forward is _MISSING:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = forward
 
 
 def train_one_round(
@@ -74,31 +159,63 @@ def train_one_round(
     learning_rate: float,
     device: str,
     gradient_checkpointing: bool,
+    checkpoint_every: int = 1,
+    prepared: dict[str, Any] | None = None,
 ) -> RoundOutcome:
+    """Train for the round's steps. `prepared` (optional, kept by a warm trainer across rounds) caches the
+    tokenised dataset so later rounds skip tokenisation."""
     import torch
     from trl import SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory(prefix="fedtune-round-") as output_dir:
-        trainer = SFTTrainer(
-            model=model,
-            args=sft_config(settings, learning_rate, device, gradient_checkpointing, output_dir),
-            train_dataset=dataset,
-            processing_class=tokenizer,
+    if not gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
+        # a model kept across rounds may have been prepared with checkpointing on
+        disable = (
+            getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
         )
-        started = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - started
-        history = tuple(
-            float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry
-        )
-        tokens = int(trainer.state.num_input_tokens_seen)
+        disable()
+    cache_key = (getattr(dataset, "_fingerprint", id(dataset)), settings.seq_length, id(tokenizer))
+    train_dataset = dataset
+    if prepared is not None and not settings.packing and prepared.get("key") == cache_key:
+        train_dataset = prepared["dataset"]
+    saved_forwards = _forward_attributes(model)
+    clock = _step_clock()
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedtune-round-") as output_dir:
+            setup_started = time.perf_counter()
+            trainer = SFTTrainer(
+                model=model,
+                args=sft_config(
+                    settings, learning_rate, device, gradient_checkpointing, output_dir, checkpoint_every
+                ),
+                train_dataset=train_dataset,
+                processing_class=tokenizer,
+                callbacks=[clock],
+            )
+            if settings.padding_free and not settings.packing:
+                # trl has tokenised and truncated to max_length; now concatenate each micro-batch.
+                trainer.data_collator = DataCollatorForLanguageModeling(
+                    pad_token_id=tokenizer.pad_token_id, padding_free=True
+                )
+            if prepared is not None and not settings.packing:
+                prepared.update(key=cache_key, dataset=trainer.train_dataset)
+            setup_seconds = time.perf_counter() - setup_started
+            started = time.perf_counter()
+            result = trainer.train()
+            seconds = time.perf_counter() - started
+            history = tuple(float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+            tokens = int(trainer.state.num_input_tokens_seen)
+    finally:
+        _restore_forward_attributes(saved_forwards)
     loss = float(result.training_loss)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss}")
     peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else _cpu_peak_rss()
-    return RoundOutcome(loss, int(result.global_step), seconds, tokens, peak, history)
+    return RoundOutcome(
+        loss, int(result.global_step), seconds, tokens, peak, history, setup_seconds, clock.seconds()
+    )
 
 
 def _cpu_peak_rss() -> int:

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The issue-7 benchmark on a GPU machine with no package index: wheels carried in .wheels/ (bench/README.md).
+#   bash bench/gpu.sh sweep    # speed variants, one process, model loaded once
+#   bash bench/gpu.sh rounds   # whole SuperNode rounds: fresh ClientApp processes, naive and warm trainer
+# Results: $OUT (or bench/out/results), the model and data in $BENCH_WORK (default /tmp/fedtune-bench).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 HF_HUB_OFFLINE=1 \
+  HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+RESULTS=${OUT:-bench/out/results}
+WORK=${BENCH_WORK:-/tmp/fedtune-bench}
+mkdir -p "$RESULTS"
+if ls .wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .wheels/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+python3 - <<'PY' | tee "$RESULTS/versions.txt"
+import platform, torch, transformers, peft, bitsandbytes, trl, datasets, flwr
+print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "| transformers", transformers.__version__, "| peft", peft.__version__, "| bitsandbytes",
+      bitsandbytes.__version__, "| trl", trl.__version__, "| datasets", datasets.__version__, "| flwr",
+      flwr.__version__)
+print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+PY
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$RESULTS/versions.txt"
+if [ ! -f "$WORK/shape.json" ]; then
+  python3 -m bench.supernode_round prepare --out "$WORK" 2>&1 | grep -v -i "warn\|it/s\]" || exit 1
+fi
+case "${1:-sweep}" in
+  sweep)
+    python3 -m bench.supernode_round sweep --out "$WORK" --json "$RESULTS/sweep.json" \
+      --profile-variant "${PROFILE_VARIANT:-pf4-nogc}" ${SWEEP_ARGS:-} 2>&1 \
+      | grep -v -i "warn\|it/s\]\|examples/s\]\|^{'" | tee "$RESULTS/sweep.txt"
+    ;;
+  rounds)
+    python3 -m bench.supernode_round rounds --out "$WORK" --mode naive --profiles reference,fast \
+      --json "$RESULTS/rounds-naive.json" 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]\|^{'" \
+      | tee "$RESULTS/rounds-naive.txt"
+    python3 -m bench.supernode_round rounds --out "$WORK" --mode warm --preload --profiles reference,fast \
+      --rounds 2 --json "$RESULTS/rounds-warm.json" 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]\|^{'" \
+      | tee "$RESULTS/rounds-warm.txt"
+    ;;
+esac
