@@ -237,7 +237,9 @@ class LocalFederation:
         """Start a run with `profile` (a run-config TOML) plus `overrides`; returns the run id."""
         args = ["run", str(app_dir), CONNECTION, "--format", "json"]
         if profile is not None or overrides:
-            args += ["--run-config", str(self._run_config_file(profile, overrides or {}))]
+            config_file = self._run_config_file(profile, overrides or {})
+            check_known_keys(app_dir, config_file)  # flwr only says "Invalid run configuration"
+            args += ["--run-config", str(config_file)]
         done = self.flwr(*args)
         try:
             payload = json.loads(done.stdout)
@@ -283,6 +285,23 @@ class LocalFederation:
 
     def run_dir(self, run_id: int) -> Path:
         return self.outputs / str(run_id)
+
+
+def check_known_keys(app_dir: Path, config_file: Path) -> None:
+    """One clear line for a run-config key the app does not declare (the SuperLink refuses the run)."""
+    import tomllib
+    from flwr.common.config import flatten_dict
+
+    pyproject = Path(app_dir) / "pyproject.toml"
+    if not pyproject.is_file():
+        return
+    app = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
+    known = set(flatten_dict(app.get("config", {})))
+    unknown = sorted(set(flatten_dict(tomllib.loads(Path(config_file).read_text()))) - known)
+    if unknown:
+        raise FedTuneError(
+            f"unknown run config key {unknown[0]!r}: not in [tool.flwr.app.config] of {pyproject}"
+        )
 
 
 def _toml_value(value: Any) -> str:

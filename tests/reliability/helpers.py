@@ -40,6 +40,12 @@ def rounds_done(run_dir: Path) -> int:
     return len(read_results(run_dir).get("rounds", []))
 
 
+def run_log(fed, run_id: int) -> str:
+    """The ServerApp's log of a run, as the SuperLink stored it (`flwr log RUN_ID --show`)."""
+    done = fed.flwr("log", str(run_id), "fedtune-local", "--show")
+    return done.stdout + done.stderr
+
+
 # ---- processes ----------------------------------------------------------------------------------
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}

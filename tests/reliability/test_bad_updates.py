@@ -13,7 +13,7 @@ import pytest
 from fedtune.config import FedTuneConfig
 from tests.reliability.badapp.badclient import EXPECTED, HONEST_DELTA, SCHEDULE
 from tests.reliability.conftest import BADAPP, small_config
-from tests.reliability.helpers import load_state, read_results, report, states_equal
+from tests.reliability.helpers import load_state, read_results, report, run_log, states_equal
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def test_every_kind_of_bad_update_is_rejected_and_counted(auth_federation, tiny_
     rounds = len(SCHEDULE)
     config = small_config(tiny_model_dir, **{"num-server-rounds": rounds})
     run_id = fed.submit(BADAPP, overrides=config)
-    info = fed.wait_for_run(run_id, 900)
+    info = fed.wait_for_run(run_id, 900, poll=5)
     run_dir = fed.run_dir(run_id)
     results = read_results(run_dir)
     assert info["status"] == "finished:completed", results.get("error")
@@ -58,7 +58,7 @@ def test_every_kind_of_bad_update_is_rejected_and_counted(auth_federation, tiny_
         assert torch.equal(final[key], expected), key
 
     # the log says why, per node
-    log = fed.superlink.log_text() if fed.superlink else ""
+    log = run_log(fed, run_id)
     for reason in set(want) - {"failed"}:
         assert f": {reason}" in log, reason
     # bytes that arrived count, rejected or not; a crashed node sent nothing up

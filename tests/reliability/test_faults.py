@@ -23,6 +23,7 @@ from tests.reliability.helpers import (
     read_results,
     report,
     rounds_done,
+    run_log,
     states_equal,
     wait_until,
 )
@@ -78,7 +79,7 @@ def clean_run(auth_federation, tiny_model_dir):
     fed = auth_federation
     config = small_config(tiny_model_dir)
     run_id = fed.submit(REPO, overrides=config)
-    info = fed.wait_for_run(run_id, RUN_TIMEOUT)
+    info = fed.wait_for_run(run_id, RUN_TIMEOUT, poll=5)
     run_dir = fed.run_dir(run_id)
     results = read_results(run_dir)
     assert info["status"] == "finished:completed", results.get("error")
@@ -95,7 +96,7 @@ def test_clean_run_with_authenticated_nodes(clean_run):
 
 def check_resumed(fed, interrupted_dir, resumed_id, clean, what: str, rounds_before: int) -> None:
     _, clean_dir, clean_results = clean
-    info = fed.wait_for_run(resumed_id, RUN_TIMEOUT)
+    info = fed.wait_for_run(resumed_id, RUN_TIMEOUT, poll=5)
     resumed_dir = fed.run_dir(resumed_id)
     results = read_results(resumed_dir)
     assert info["status"] == "finished:completed", results.get("error")
@@ -179,11 +180,11 @@ def test_supernode_killed_mid_round_is_reported_and_rejoins(auth_federation, cle
     per_message = per_message_bytes(config)
     assert first["bytes_down"] == 2 * per_message  # sent to both
     assert first["bytes_up"] == per_message  # only the survivor's update arrived
-    log = fed.superlink.log_text() if fed.superlink else ""
+    log = run_log(fed, run_id)
     assert f"node {victim_id} failed" in log and "lost 1 of 2" in log, log[-3000:]
 
     fed.start_supernode(1, 2)  # same key, same node id: it rejoins, and round 2 waits for it
-    info = fed.wait_for_run(run_id, RUN_TIMEOUT)
+    info = fed.wait_for_run(run_id, RUN_TIMEOUT, poll=5)
     results = read_results(run_dir)
     assert info["status"] == "finished:completed", results.get("error")
     second = results["rounds"][1]
