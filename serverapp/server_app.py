@@ -86,6 +86,12 @@ def main(grid: Grid, context: Context) -> None:
             )
             if result.arrays is not None:
                 final_state = arrays_to_state(result.arrays)
+            if not any(r.get("aggregated") for r in results.payload["rounds"] if r["round"] >= first_round):
+                # not a silent "completed" with the adapter we started from
+                raise FedTuneError(
+                    f"no update was aggregated in rounds {first_round}..{cfg.num_server_rounds}: every "
+                    "reply failed or was rejected (see the round records in results.json)"
+                )
         final = save_adapter(
             final_state, cfg.model, run_dir / "adapter",
             {"round": cfg.num_server_rounds, "budget_bytes": ledger.total_bytes},
