@@ -149,10 +149,23 @@ def configure_logging(
     root.setLevel(lvl)
     _route_flwr(lvl)
     logging.captureWarnings(True)  # Python warnings (transformers, bitsandbytes) become log lines too
+    if json_output:
+        _no_progress_bars()
     for noisy in ("httpx", "httpcore", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
     if context:
         bind_contextvars(**context)
+
+
+def _no_progress_bars() -> None:
+    """tqdm bars (datasets, transformers) are not log lines: off when logging JSON."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _route_flwr(level: int) -> None:
