@@ -28,18 +28,31 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 if [ ! -f "$WORK/shape.json" ]; then
   python3 -m bench.supernode_round prepare --out "$WORK" 2>&1 | grep -v -i "warn\|it/s\]" || exit 1
 fi
-case "${1:-sweep}" in
+for phase in "${@:-sweep}"; do
+case "$phase" in
   sweep)
     python3 -m bench.supernode_round sweep --out "$WORK" --json "$RESULTS/sweep.json" \
-      --profile-variant "${PROFILE_VARIANT:-pf4-nogc}" ${SWEEP_ARGS:-} 2>&1 \
+      --profile-variant "${PROFILE_VARIANT:-pf4-nogc-bf16}" ${SWEEP_ARGS:-} 2>&1 \
       | grep -v -i "warn\|it/s\]\|examples/s\]\|^{'" | tee "$RESULTS/sweep.txt"
+    # profiles/fast.toml must fit a 24 GB card on the worst-case batch; else checkpoint every 2nd layer
+    python3 - "$RESULTS/sweep.json" <<'PY'
+import json, sys
+v = json.load(open(sys.argv[1]))["variants"].get("pf4-nogc-bf16", {})
+peak = v.get("worst_case_peak_gib")
+if not isinstance(peak, float) or peak > 24e9 / 2**30:
+    print(f"fast profile: pf4-nogc-bf16 worst-case peak {peak} GiB does not fit 24 GB: using gc every 2")
+    text = open("profiles/fast.toml").read().replace(
+        "model.gradient-checkpointing = false", "model.gradient-checkpointing-every = 2")
+    open("profiles/fast.toml", "w").write(text)
+PY
     ;;
   rounds)
     python3 -m bench.supernode_round rounds --out "$WORK" --mode naive --profiles reference,fast \
       --json "$RESULTS/rounds-naive.json" 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]\|^{'" \
       | tee "$RESULTS/rounds-naive.txt"
     python3 -m bench.supernode_round rounds --out "$WORK" --mode warm --preload --profiles reference,fast \
-      --rounds 2 --json "$RESULTS/rounds-warm.json" 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]\|^{'" \
+      --rounds ${WARM_ROUNDS:-1} --json "$RESULTS/rounds-warm.json" 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]\|^{'" \
       | tee "$RESULTS/rounds-warm.txt"
     ;;
 esac
+done

@@ -35,40 +35,23 @@ DATA_SEED = 42
 
 # Speed variants: run-config overrides on top of the reference configuration. All keep 4 samples per
 # optimizer step and the same sample order.
+_PF4 = {
+    "train.per-device-train-batch-size": 4,
+    "train.gradient-accumulation-steps": 1,
+    "train.padding-free": True,
+}
+_BF16 = {"train.upcast-non-quantized": False}
 VARIANTS: dict[str, dict[str, Any]] = {
     "ref": {},
-    "pf4": {
-        "train.per-device-train-batch-size": 4,
-        "train.gradient-accumulation-steps": 1,
-        "train.padding-free": True,
-    },
-    "pf4-gc2": {
-        "train.per-device-train-batch-size": 4,
-        "train.gradient-accumulation-steps": 1,
-        "train.padding-free": True,
-        "model.gradient-checkpointing-every": 2,
-    },
-    "pf4-nogc": {
-        "train.per-device-train-batch-size": 4,
-        "train.gradient-accumulation-steps": 1,
-        "train.padding-free": True,
-        "model.gradient-checkpointing": False,
-    },
-    "pf4-nogc-liger": {
-        "train.per-device-train-batch-size": 4,
-        "train.gradient-accumulation-steps": 1,
-        "train.padding-free": True,
-        "model.gradient-checkpointing": False,
-        "train.liger-kernel": True,
-    },
-    "pf4-gc2-liger": {
-        "train.per-device-train-batch-size": 4,
-        "train.gradient-accumulation-steps": 1,
-        "train.padding-free": True,
-        "model.gradient-checkpointing-every": 2,
-        "train.liger-kernel": True,
-    },
     "pad4": {"train.per-device-train-batch-size": 4, "train.gradient-accumulation-steps": 1},
+    "pf4": _PF4,
+    "pf4-gc2": {**_PF4, "model.gradient-checkpointing-every": 2},
+    "pf4-nogc": {**_PF4, "model.gradient-checkpointing": False},
+    "pf4-bf16": {**_PF4, **_BF16},
+    "pf4-gc2-bf16": {**_PF4, **_BF16, "model.gradient-checkpointing-every": 2},
+    "pf4-nogc-bf16": {**_PF4, **_BF16, "model.gradient-checkpointing": False},
+    "pf4-nogc-liger": {**_PF4, "model.gradient-checkpointing": False, "train.liger-kernel": True},
+    "pf4-gc2-liger": {**_PF4, "model.gradient-checkpointing-every": 2, "train.liger-kernel": True},
 }
 
 
@@ -646,10 +629,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None)
     s = sub.add_parser("sweep")
     s.add_argument("--out", type=Path, default=REPO / "bench" / "out")
-    s.add_argument("--variants", default="ref,pf4,pf4-gc2,pf4-nogc,pf4-gc2-liger,pf4-nogc-liger")
+    s.add_argument("--variants", default="ref,pf4,pf4-nogc,pf4-bf16,pf4-gc2-bf16,pf4-nogc-bf16")
     s.add_argument(
         "--worst",
-        default="pf4,pf4-gc2,pf4-nogc,pf4-gc2-liger,pf4-nogc-liger",
+        default="pf4-bf16,pf4-gc2-bf16,pf4-nogc-bf16",
         help="variants whose peak memory is also measured on a 4 × 512-token batch",
     )
     s.add_argument("--steps", type=int, default=10)

@@ -57,9 +57,14 @@ class NodeCache:
             pass
 
 
+# Settings a loaded model can switch between rounds (trainer.py applies them): not part of its identity.
+_PER_ROUND_MODEL_SETTINGS = ("gradient_checkpointing", "gradient_checkpointing_every", "transport_dtype")
+
+
 def model_key(cfg: FedTuneConfig) -> str:
-    """Everything that decides the loaded, prepared model (not the adapter values)."""
-    return json.dumps(asdict(cfg.model), sort_keys=True)
+    """Everything that decides the loaded, quantised model (not the adapter values)."""
+    settings = {k: v for k, v in asdict(cfg.model).items() if k not in _PER_ROUND_MODEL_SETTINGS}
+    return json.dumps(settings, sort_keys=True)
 
 
 def data_key(cfg: FedTuneConfig, node_config: dict[str, Any]) -> str:

@@ -6,6 +6,8 @@ Speed levers (all off by default, so the defaults stay the FlowerTune reference;
   of the reference's 1 × 4 with the same token-weighted loss, in one forward/backward instead of four.
 - `model.gradient-checkpointing-every`: checkpoint only every n-th decoder layer.
 - `train.liger-kernel`: Liger's fused RMSNorm/RoPE/SwiGLU kernels (needs the liger-kernel package).
+- `train.upcast-non-quantized = false`: norms, embeddings and LM head stay in bf16 instead of peft's fp32
+  copy, so the residual stream, attention and LM head run in bf16.
 """
 
 from __future__ import annotations
@@ -104,6 +106,27 @@ def sft_config(
     )
 
 
+def set_non_quantized_dtype(model: PeftModel, dtype: Any) -> None:
+    """On a k-bit model, put the frozen non-quantised weights (norms, embeddings, LM head) in `dtype`, or in
+    the compute dtype (None). peft's prepare_model_for_kbit_training upcasts them to fp32; they were loaded
+    in the compute dtype, so going back and forth is exact. A plain (unquantised) model is left alone."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not (getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)):
+        return
+    if dtype is None:
+        quantization = getattr(base.config, "quantization_config", None)
+        dtype = getattr(quantization, "bnb_4bit_compute_dtype", None) or torch.bfloat16
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+    for param in base.parameters():
+        if param.requires_grad or param.__class__.__name__ in {"Params4bit", "Int8Params"}:
+            continue
+        if param.dtype in (torch.float32, torch.bfloat16, torch.float16) and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def _step_clock() -> Any:
     """A TrainerCallback recording the wall time of each optimizer step (class built lazily: no
     transformers import at module load)."""
@@ -170,6 +193,7 @@ def train_one_round(
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    set_non_quantized_dtype(model, torch.float32 if settings.upcast_non_quantized else None)
     if not gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
         # a model kept across rounds may have been prepared with checkpointing on
         disable = (
