@@ -415,7 +415,9 @@ class FedTuneCollector(Collector):
                 rejected.add_metric([run_id, reason], float(count))
             duration.add_metric(
                 [run_id],
-                buckets=[(str(float(b)), float(c)) for b, c in zip(ROUND_DURATION_BUCKETS, buckets, strict=True)]
+                buckets=[
+                    (str(float(b)), float(c)) for b, c in zip(ROUND_DURATION_BUCKETS, buckets, strict=True)
+                ]
                 + [("+Inf", float(len(own)))],
                 sum_value=dur_sum,
             )
