@@ -222,7 +222,7 @@ def test_logs_are_json_with_run_id_and_round(e2e):
     for line in node_lines + superlink_lines:  # every other line of the SuperLink's and SuperNodes' logs is JSON
         if not FLWR_HELPER_LINE.match(line) and not is_trainer_print(line):
             json.loads(line)
-    records = [json.loads(line) for line in node_lines if line.startswith("{")]
+    records = [json.loads(line) for line in node_lines if line.startswith("{") and not is_trainer_print(line)]
     for line in server_lines:  # `flwr log` also relays plain prints of the ServerApp's stdout
         try:
             records.append(json.loads(line))
