@@ -106,11 +106,16 @@ class FedTuneAvg(FedAvg):
         failed: list[int] = []
         rejected: dict[int, str] = {}
         nodes: dict[int, dict[str, Any]] = {}
+        sampled = self._sampled.get(current, [])
+        lost_reasons: list[str] = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
             if reply.has_error():
-                failed.append(node_id)
-                log.warning("round %d: node %d failed: %s", current, node_id, reply.error.reason)
+                if node_id in sampled or not sampled:
+                    failed.append(node_id)
+                    log.warning("round %d: node %d failed: %s", current, node_id, reply.error.reason)
+                else:  # the SuperLink answers (as node 1) for a node it lost: attributed below
+                    lost_reasons.append(reply.error.reason)
                 continue
             if "arrays" in reply.content.array_records:
                 self.ledger.record_up(current, node_id, reply.content["arrays"].count_bytes())
@@ -133,15 +138,16 @@ class FedTuneAvg(FedAvg):
                 )
             accepted.append(reply)
 
-        # sampled but silent until strategy.round-timeout: as lost as an error reply
+        # sampled nodes with no reply of their own: lost (heartbeat timeout) or silent past round-timeout
         answered = {reply.metadata.src_node_id for reply in replies}
-        for node_id in sorted(set(self._sampled.get(current, [])) - answered):
+        for node_id in sorted(set(sampled) - answered):
             failed.append(node_id)
-            log.warning("round %d: node %d sent no reply within the round timeout", current, node_id)
-        if failed:  # node loss: the round goes on with what arrived (heartbeat timeout or round-timeout)
+            reason = lost_reasons.pop(0) if lost_reasons else "no reply within strategy.round-timeout"
+            log.warning("round %d: node %d failed: %s", current, node_id, reason)
+        if failed:  # node loss: the round goes on with what arrived
             log.warning(
                 "round %d: lost %d of %d sampled nodes (%s); aggregating the %d accepted replies",
-                current, len(failed), len(self._sampled.get(current, [])) or len(replies),
+                current, len(failed), len(sampled) or len(replies),
                 ", ".join(str(n) for n in sorted(failed)), len(accepted),
             )
         arrays, metrics = super().aggregate_train(current, accepted)

@@ -160,9 +160,9 @@ def test_serverapp_killed_mid_run_then_resumed(auth_federation, clean_run):
 
 
 # ------------------------------------------------------------------ SuperNode loss
-def test_supernode_killed_mid_round_is_reported_and_rejoins(auth_federation, clean_run):
+def test_supernode_killed_mid_round_is_reported_and_rejoins(auth_federation, tiny_model_dir):
     fed = auth_federation
-    config = clean_run[0]
+    config = small_config(tiny_model_dir)
     victim = next(n for n in fed.supernodes if n.name == "supernode-1" and n.alive())
     victim_id = fed.registered_keys["supernode-1"]
     run_id = fed.submit(REPO, overrides=config)
