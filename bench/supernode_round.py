@@ -584,7 +584,11 @@ def rounds(
     finally:
         if service is not None:
             service.terminate()
-            service.wait(timeout=30)
+            try:
+                service.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                service.kill()
+                service.wait()
     print_rounds(results)
     return results
 

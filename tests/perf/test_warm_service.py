@@ -1,0 +1,116 @@
+"""The node-local warm trainer: same result as in-process training, model kept across rounds, and the
+ClientApp falls back to in-process training when the service is absent or dies."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+from tests.conftest import REPO, tiny_run_config
+
+
+def global_arrays(model_dir: Path, run_config: dict):
+    from fedtune.config import FedTuneConfig
+    from fedtune.model import initial_adapter_state, state_to_arrays
+
+    cfg = FedTuneConfig.from_run_config(run_config)
+    return state_to_arrays(initial_adapter_state(cfg.model, cfg.train.seed), cfg.model.transport_dtype)
+
+
+def call_clientapp(run_config, node_config, arrays, server_round=1):
+    from clientapp.client_app import train
+
+    metadata = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=1,
+        dst_node_id=2,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
+    config = ConfigRecord({"server-round": server_round, "learning-rate": 1e-3, "transport-dtype": "float32"})
+    msg = Message(RecordDict({"arrays": arrays, "config": config}), metadata=metadata)
+    context = Context(run_id=1, node_id=2, node_config=node_config, state=RecordDict(), run_config=run_config)
+    return train(msg, context).content
+
+
+@pytest.fixture
+def service(tmp_path):
+    sock = str(tmp_path / "trainer.sock")
+    ready = tmp_path / "ready"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supernode.trainer_service", "--socket", sock, "--ready-file", str(ready)],
+        cwd=REPO,
+        env=env,
+    )
+    deadline = time.time() + 120
+    while not ready.exists():
+        assert proc.poll() is None, "service died at start"
+        assert time.time() < deadline, "service did not come up"
+        time.sleep(0.1)
+    yield proc, sock
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_warm_round_matches_in_process_and_keeps_the_model(tiny_model_dir, demo_data_file, service):
+    from clientapp import warm_client
+
+    _proc, sock = service
+    run_config = tiny_run_config(tiny_model_dir, **{"train.max-steps": 2, "train.optim": "adamw_torch"})
+    node = {"partition-id": 0, "num-partitions": 2, "data-path": str(demo_data_file)}
+    arrays = global_arrays(tiny_model_dir, run_config)
+
+    local = call_clientapp(run_config, node, arrays)
+    warm1 = call_clientapp(run_config, {**node, "trainer-socket": sock}, arrays)
+    warm2 = call_clientapp(run_config, {**node, "trainer-socket": sock}, arrays, server_round=2)
+
+    assert warm_client.ping(sock)["rounds"] == 2
+    assert warm2["metrics"]["time-model-load"] < 0.01  # the model stayed loaded
+    for content in (warm1, warm2):
+        assert content["metrics"]["train-loss"] == pytest.approx(local["metrics"]["train-loss"], rel=1e-4)
+        assert list(content["arrays"]) == list(local["arrays"])
+        for key in local["arrays"]:
+            np.testing.assert_allclose(
+                content["arrays"][key].numpy(), local["arrays"][key].numpy(), rtol=0, atol=1e-6
+            )
+
+
+def test_clientapp_falls_back_when_the_service_is_absent_or_gone(
+    tiny_model_dir, demo_data_file, service, tmp_path
+):
+    proc, sock = service
+    run_config = tiny_run_config(tiny_model_dir, **{"train.max-steps": 1, "train.optim": "adamw_torch"})
+    node = {"partition-id": 0, "num-partitions": 2, "data-path": str(demo_data_file)}
+    arrays = global_arrays(tiny_model_dir, run_config)
+
+    absent = call_clientapp(run_config, {**node, "trainer-socket": str(tmp_path / "none.sock")}, arrays)
+    assert absent["metrics"]["train-steps"] == 1
+
+    proc.kill()  # crash: the socket file stays behind, nobody listens
+    proc.wait(timeout=30)
+    gone = call_clientapp(run_config, {**node, "trainer-socket": sock}, arrays)
+    assert gone["metrics"]["train-steps"] == 1
+    assert gone["metrics"]["train-loss"] == pytest.approx(absent["metrics"]["train-loss"], rel=1e-4)
+
+
+def test_service_reports_training_errors(tiny_model_dir, demo_data_file, service):
+    from fedtune.errors import FedTuneError
+
+    _, sock = service
+    run_config = tiny_run_config(tiny_model_dir, **{"model.name": str(tiny_model_dir / "missing")})
+    node = {"partition-id": 0, "num-partitions": 2, "data-path": str(demo_data_file), "trainer-socket": sock}
+    arrays = global_arrays(tiny_model_dir, tiny_run_config(tiny_model_dir))
+    with pytest.raises(FedTuneError, match="warm trainer"):
+        call_clientapp(run_config, node, arrays)
