@@ -61,6 +61,46 @@ def test_one_machine_stack_renders(compose_cli: None) -> None:
             assert env.get("FLWR_TELEMETRY_ENABLED") == "0", name
             assert env.get("FLWR_DISABLE_UPDATE_CHECK") == "1", name
     assert services["job"]["depends_on"]["supernode-0"]["condition"] == "service_healthy"
+    # Metrics: the SuperLink starts its exporter on 9400, Prometheus gets monitoring/prometheus/.
+    assert services["superlink"]["environment"]["FEDTUNE_METRICS_PORT"] == "9400"
+    prom_mounts = {v["target"]: v for v in services["prometheus"]["volumes"]}
+    assert prom_mounts["/etc/prometheus"]["source"] == str(REPO / "monitoring/prometheus")
+    prom = yaml.safe_load((REPO / "monitoring/prometheus/prometheus.yml").read_text())
+    targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    assert targets == ["superlink:9400"]
+    assert "alerts.yml" in prom["rule_files"]
+    grafana_mounts = {v["target"]: v["source"] for v in services["grafana"]["volumes"]}
+    assert grafana_mounts["/etc/grafana/provisioning"] == str(REPO / "monitoring/grafana/provisioning")
+    assert grafana_mounts["/var/lib/grafana/dashboards"] == str(REPO / "monitoring/grafana/dashboards")
+
+
+def test_one_machine_stack_authenticates_supernodes(compose_cli: None) -> None:
+    services = config("compose.yaml")["services"]
+    assert services["superlink"]["environment"]["FEDTUNE_SUPERNODE_AUTH"] == "1"
+    # register: after the SuperLink is healthy and both key jobs are done; reads public keys only.
+    register = services["register"]
+    assert register["depends_on"]["superlink"]["condition"] == "service_healthy"
+    for n in ("0", "1"):
+        assert register["depends_on"][f"supernode-{n}-key"]["condition"] == "service_completed_successfully"
+    assert {v["source"] for v in register["volumes"]} == {"ca", "pubkeys"}
+    # Each private key volume is mounted into its key job and its own SuperNode (read-only) only.
+    for n in ("0", "1"):
+        key_volume = f"supernode-{n}-key"
+        users = {
+            name: v
+            for name, svc in services.items()
+            for v in svc.get("volumes", [])
+            if v.get("source") == key_volume
+        }
+        assert set(users) == {f"supernode-{n}-key", f"supernode-{n}"}, users
+        assert users[f"supernode-{n}"]["read_only"] is True
+        node = services[f"supernode-{n}"]
+        assert node["environment"]["FEDTUNE_AUTH_KEY"] == f"/keys/supernode-{n}"
+        assert node["depends_on"]["register"]["condition"] == "service_completed_successfully"
+        assert services[f"supernode-{n}-key"]["environment"]["FEDTUNE_KEY_NAME"] == f"supernode-{n}"
+    # Auth off on request (then SuperNodes join with any key or none).
+    off = config("compose.yaml", env={"FEDTUNE_SUPERNODE_AUTH": "0"})["services"]
+    assert off["superlink"]["environment"]["FEDTUNE_SUPERNODE_AUTH"] == "0"
     assert services["prometheus"]["image"].startswith("prom/prometheus:")
     assert services["grafana"]["image"].startswith("grafana/grafana:")
 
@@ -95,11 +135,30 @@ def test_per_role_files_render(compose_cli: None) -> None:
     env = node["services"]["supernode"]["environment"]
     assert env["FEDTUNE_SUPERLINK"] == "superlink.example.org:8000"
     assert env["FEDTUNE_PARTITION_ID"] == "3"
+    # SuperNode auth: the key job's volume, read-only in the SuperNode; the key path is configurable.
+    assert env["FEDTUNE_AUTH_KEY"] == "/keys/supernode"
+    depends = node["services"]["supernode"]["depends_on"]
+    assert depends["keys"]["condition"] == "service_completed_successfully"
+    mounts = {v["target"]: v for v in node["services"]["supernode"]["volumes"]}
+    assert mounts["/keys"]["source"] == "key" and mounts["/keys"]["read_only"] is True
+    own = config(
+        "compose.supernode.yaml",
+        env={**SUPERNODE_HOST_ENV, "FEDTUNE_KEY_DIR": "/etc/fedtune/keys", "FEDTUNE_KEY_NAME": "node-3"},
+    )["services"]
+    assert own["supernode"]["environment"]["FEDTUNE_AUTH_KEY"] == "/keys/node-3"
+    assert {v["target"]: v["source"] for v in own["supernode"]["volumes"]}["/keys"] == "/etc/fedtune/keys"
+    assert own["keys"]["environment"]["FEDTUNE_KEY_NAME"] == "node-3"
+    no_auth = config("compose.supernode.yaml", env={**SUPERNODE_HOST_ENV, "FEDTUNE_AUTH_KEY": ""})
+    assert no_auth["services"]["supernode"]["environment"]["FEDTUNE_AUTH_KEY"] == ""
+    assert link["services"]["superlink"]["environment"]["FEDTUNE_SUPERNODE_AUTH"] == "1"
+    assert link["services"]["register"]["depends_on"]["superlink"]["condition"] == "service_healthy"
     gpu = config("compose.supernode.yaml", "compose.supernode.gpu.yaml", env=SUPERNODE_HOST_ENV)
     assert (
         gpu["services"]["supernode"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"]
         == "nvidia"
     )
+    # A GPU host builds only the CUDA image: the key job uses it too.
+    assert gpu["services"]["keys"]["image"] == gpu["services"]["supernode"]["image"]
 
 
 def test_supernode_host_file_requires_its_settings(compose_cli: None) -> None:

@@ -1,6 +1,7 @@
 """Two hosts: the SuperLink stack and a SuperNode stack as separate compose projects on separate
-networks, joined only through the SuperLink's published TLS port; a SuperNode holding another CA is
-refused.
+networks, joined only through the SuperLink's published TLS port, with SuperNode authentication on (the
+default): the node host makes its key pair, the SuperLink host registers the public key, the node joins.
+A SuperNode with a key nobody registered, and one holding another CA, are refused.
 
 The SuperNode "host" uses the host network and reaches the SuperLink by its public name
 superlink.example.org (mapped to 127.0.0.1 in that container's /etc/hosts), so the TLS handshake
@@ -73,20 +74,34 @@ def wait_for_nodes(link: Project, count: int, timeout: float = 120) -> list[dict
     raise AssertionError(f"expected {count} online SuperNodes, have {nodes}")
 
 
-def test_supernode_joins_over_published_tls_port_and_wrong_ca_is_refused(
+def node_public_key(node: Project) -> str:
+    """Run the node host's one-shot key job; its output ends with the public key line to register."""
+    out = node.compose("run", "--rm", "keys", timeout=300).stdout
+    lines = [line for line in out.splitlines() if line.startswith("ecdsa-sha2-nistp384 ")]
+    assert lines, out[-2000:]
+    return lines[-1] + "\n"
+
+
+def test_authenticated_supernode_joins_over_published_tls_port_others_are_refused(
     images: Images, project_factory, tmp_path: Path
 ) -> None:
     port = free_port()
+    # The SuperLink operator's folder of SuperNode public keys (read by the uid-10001 register job).
+    public_keys = tmp_path / "public-keys"
+    public_keys.mkdir()
+    public_keys.chmod(0o755)
     link = project_factory(
         [REPO / "compose.superlink.yaml"],
         {
             "FEDTUNE_EXTRA_SANS": PUBLIC_NAME,
             "FEDTUNE_SUPERLINK_BIND": "127.0.0.1",
             "FEDTUNE_SUPERLINK_PORT": str(port),
+            "FEDTUNE_PUBLIC_KEYS": str(public_keys),
         },
     )
     link.compose("up", "-d", "superlink", timeout=300)
     link.wait_healthy("superlink")
+    assert "SuperNode authentication is on" in link.logs("superlink")
     ca = tmp_path / "ca.crt"
     ca.write_text(link.compose("exec", "-T", "superlink", "cat", "/certs/ca.crt").stdout)
     assert "BEGIN CERTIFICATE" in ca.read_text()
@@ -103,6 +118,16 @@ def test_supernode_joins_over_published_tls_port_and_wrong_ca_is_refused(
         [REPO / "compose.supernode.yaml", supernode_override(tmp_path, "good", free_port())],
         node_env,
     )
+    # Node host: make the key pair, send the public key; SuperLink host: register it.
+    pub = node_public_key(good)
+    assert node_public_key(good) == pub  # the key job keeps the pair it made
+    (public_keys / "node-0.pub").write_text(pub)
+    (public_keys / "node-0.pub").chmod(0o644)
+    registered = link.compose("run", "--rm", "register", timeout=300).stdout
+    assert "registered as node" in registered, registered[-2000:]
+    again = link.compose("run", "--rm", "register", timeout=300).stdout
+    assert "already registered" in again, again[-2000:]
+
     good.compose("up", "-d", timeout=300)
     good.wait_healthy("supernode")
     nodes = wait_for_nodes(link, 1)
@@ -123,6 +148,20 @@ def test_supernode_joins_over_published_tls_port_and_wrong_ca_is_refused(
     )
     assert link_nets == {f"{link.name}_default"}
 
+    refusing = {"FEDTUNE_MAX_RETRIES": "1", "FEDTUNE_RESTART": "no", "FEDTUNE_PARTITION_ID": "1"}
+    # Right CA, but a key nobody registered (its own key job made it): the SuperLink refuses it.
+    stranger = project_factory(
+        [REPO / "compose.supernode.yaml", supernode_override(tmp_path, "stranger", free_port())],
+        {**node_env, **refusing},
+    )
+    stranger.compose("up", "-d", timeout=300)
+    code = run(["docker", "wait", stranger.container("supernode")], timeout=240).stdout.strip()
+    logs = stranger.logs("supernode")
+    assert code != "0", logs[-3000:]
+    # flwr logs its exit code 305 with "[code: 2004]" (unknown public key); the process exits 1.
+    assert "2004" in logs, logs[-3000:]
+    print(f"\nunregistered key: SuperNode exited {code}, '[code: 2004]' in its log")
+
     # A second federation's CA: the SuperLink's certificate does not chain to it.
     other = tmp_path / "other"
     subprocess.run(
@@ -137,13 +176,7 @@ def test_supernode_joins_over_published_tls_port_and_wrong_ca_is_refused(
     )
     bad = project_factory(
         [REPO / "compose.supernode.yaml", supernode_override(tmp_path, "bad", free_port())],
-        {
-            **node_env,
-            "FEDTUNE_CA_FILE": str(other / "ca.crt"),
-            "FEDTUNE_PARTITION_ID": "1",
-            "FEDTUNE_MAX_RETRIES": "1",
-            "FEDTUNE_RESTART": "no",
-        },
+        {**node_env, **refusing, "FEDTUNE_CA_FILE": str(other / "ca.crt")},
     )
     bad.compose("up", "-d", timeout=300)
     cid = bad.container("supernode")
@@ -153,5 +186,5 @@ def test_supernode_joins_over_published_tls_port_and_wrong_ca_is_refused(
     assert "CERTIFICATE_VERIFY_FAILED" in logs or "certificate verify failed" in logs.lower(), logs[
         -3000:
     ]
-    # ... and the federation still has exactly the one good node.
+    # ... and the federation still has exactly the one registered node online.
     assert len(online_nodes(link)) == 1
