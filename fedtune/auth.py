@@ -110,12 +110,26 @@ def generate(out_dir: str | os.PathLike[str], name: str, force: bool = False) ->
     pair.private_key.parent.mkdir(parents=True, exist_ok=True)
     if not force and _matching_pair(pair):
         return pair, False
-    key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(key, pair.private_key)
+    key = None if force else _existing_private_key(pair.private_key)
+    generated = key is None
+    if key is None:
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write_private(key, pair.private_key)
+    # A lost or stale .pub is re-derived: a registered node must never get a new identity by accident.
     tmp = pair.public_key.with_name(f".{pair.public_key.name}.tmp")
     tmp.write_bytes(_public_line(key.public_key(), f"fedtune-{name}"))
     os.replace(tmp, pair.public_key)
-    return pair, True
+    return pair, generated
+
+
+def _existing_private_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
+    if not path.is_file():
+        return None
+    try:
+        key = load_private_key(path)
+    except FedTuneError:
+        return None
+    return key if isinstance(key.curve, ec.SECP384R1) else None
 
 
 def public_key_of(private_key: str | os.PathLike[str]) -> Path:

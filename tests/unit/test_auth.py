@@ -106,3 +106,15 @@ def test_supernode_checks_its_auth_key_and_data_before_starting(certs, tmp_path)
     with pytest.raises(FedTuneError, match="must be HOST:PORT"):
         supernode_cmd("--superlink", "superlink.example.org", "--root-certificates", str(certs.ca_cert),
                       "--partition-id", "0")
+
+
+def test_a_lost_public_key_is_rederived_never_replaced_by_a_new_identity(tmp_path):
+    from fedtune.auth import generate as generate_pair
+
+    pair, generated = generate_pair(tmp_path, "node-0")
+    private, public = pair.private_key.read_bytes(), pair.public_key.read_bytes()
+    pair.public_key.unlink()
+    again, generated_again = generate_pair(tmp_path, "node-0")
+    assert generated and not generated_again
+    assert again.private_key.read_bytes() == private
+    assert again.public_key.read_bytes() == public
