@@ -45,8 +45,11 @@ def test_keys_are_reused_unless_forced_and_names_are_checked(tmp_path):
     assert generate(tmp_path, "node") == (pair, False)
     assert generate(tmp_path, "node", force=True)[1] and pair.private_key.read_bytes() != before
     other, _ = generate(tmp_path, "other")
-    pair.public_key.write_bytes(other.public_key.read_bytes())  # mismatched pair: regenerated
-    assert generate(tmp_path, "node")[1]
+    kept = pair.private_key.read_bytes()
+    pair.public_key.write_bytes(other.public_key.read_bytes())  # mismatched .pub: re-derived, same key
+    assert generate(tmp_path, "node") == (pair, False)
+    assert pair.private_key.read_bytes() == kept
+    assert pair.public_key.read_bytes() != other.public_key.read_bytes()
     with pytest.raises(FedTuneError, match="key name"):
         generate(tmp_path, "../escape")
     pair.public_key.unlink()
