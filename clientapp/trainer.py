@@ -188,6 +188,7 @@ def train_one_round(
     """Train for the round's steps. `prepared` (optional, kept by a warm trainer across rounds) caches the
     tokenised dataset so later rounds skip tokenisation."""
     import torch
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -218,6 +219,9 @@ def train_one_round(
                 processing_class=tokenizer,
                 callbacks=[clock],
             )
+            # transformers prints a raw dict per logged step to stdout, which breaks the SuperNode's
+            # JSON log lines; the losses reach the server in the reply's metrics instead.
+            trainer.remove_callback(PrinterCallback)
             if settings.padding_free and not settings.packing:
                 # trl has tokenised and truncated to max_length; now concatenate each micro-batch.
                 trainer.data_collator = DataCollatorForLanguageModeling(
