@@ -423,6 +423,8 @@ def test_auth_off_mounts_no_keys():
     rendered = render_scenario("default")
     _, _, superlink = _superlink(rendered)
     assert "--enable-supernode-auth" not in superlink["args"]
+    # the launcher's default over TLS is auth on: with auth off in values it must be told so
+    assert "--no-supernode-auth" in superlink["args"]
     _, spec, node = _supernodes(rendered)
     assert "FEDTUNE_AUTH_KEY" not in env_of(node)
     assert "auth" not in {v["name"] for v in spec["volumes"]}
