@@ -25,7 +25,8 @@ demo: venv
 
 ## Installs system tools the tests need (docker engine, compose, prometheus, helm, tshark), then all tests.
 test: venv tools
-	$(PY) -m pytest -v --timeout=1800 tests
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -v --timeout=1800 --durations=30 tests
 
 tools:
 	bash scripts/install-tools.sh
