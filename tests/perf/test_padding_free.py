@@ -13,7 +13,11 @@ def setup(tiny_model_dir, demo_data_file):
     from fedtune.dataset import load_node_dataset
     from fedtune.model import adapter_state, load_tokenizer, load_trainable_model
 
-    cfg = FedTuneConfig.from_run_config(tiny_run_config(tiny_model_dir, **{"train.max-steps": 3}))
+    # no LoRA dropout: its masks are drawn per micro-batch, so with it the later steps of differently
+    # batched runs legitimately drift apart; without it every step must agree
+    cfg = FedTuneConfig.from_run_config(
+        tiny_run_config(tiny_model_dir, **{"train.max-steps": 3, "model.lora.dropout": 0.0})
+    )
     tokenizer = load_tokenizer(cfg.model)
     model = load_trainable_model(cfg.model, "cpu")
     trainset, _ = load_node_dataset(cfg.dataset.name, {"data-path": str(demo_data_file)}, 1)
@@ -43,7 +47,6 @@ def test_padding_free_matches_padded_reference(setup):
     for ref, pad, free in zip(reference.loss_history, padded4.loss_history, free4.loss_history, strict=True):
         assert free == pytest.approx(ref, rel=2e-3)
         assert pad == pytest.approx(ref, rel=2e-3)
-    # (the updates agree only up to LoRA dropout: its masks are drawn per micro-batch)
 
 
 def test_padding_free_keeps_samples_apart(setup):
