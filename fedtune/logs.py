@@ -241,7 +241,12 @@ def _run_console_script(argv: list[str]) -> None:
     matches = [ep for ep in entry_points(group="console_scripts") if ep.name == name]
     if not matches:
         os.execvp(argv[0], argv)  # not a Python entry point: run it as is
-    main = matches[0].load()  # imports flwr (which adds its console handler) before we replace it
+    # loading imports flwr (which adds its console handler) before we replace it
+    run_with_logging(matches[0].load(), argv)
+
+
+def run_with_logging(main: Any, argv: list[str]) -> None:
+    """Call an already imported console-script `main` with argv, its logs through this pipeline."""
     configure_logging()
     _adopt_after_dict_config(("uvicorn", "uvicorn.error", "uvicorn.access"))
     sys.argv = [argv[0], *argv[1:]]

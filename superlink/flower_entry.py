@@ -18,14 +18,19 @@ def main() -> None:
     import flwr.supercore.sql_mixin as sql_mixin
     from flwr.superlink.cli import flower_superlink
 
+    from fedtune.logs import FORMAT_ENV, run_with_logging
+
     timeout_ms = int(os.environ.get("FEDTUNE_SQLITE_BUSY_TIMEOUT_MS", DEFAULT_BUSY_TIMEOUT_MS))
     # read per connection by sql_mixin._set_sqlite_pragmas, so replacing the module global suffices
     sql_mixin.SQLITE_PRAGMAS = tuple(
         (name, str(timeout_ms) if name == "busy_timeout" else value)
         for name, value in sql_mixin.SQLITE_PRAGMAS
     )
-    sys.argv[0] = "flower-superlink"
-    sys.exit(flower_superlink())
+    argv = ["flower-superlink", *sys.argv[1:]]
+    if os.environ.get(FORMAT_ENV, "").strip().lower() == "flwr":  # flwr's own log format
+        sys.argv = argv
+        sys.exit(flower_superlink())
+    run_with_logging(flower_superlink, argv)
 
 
 if __name__ == "__main__":

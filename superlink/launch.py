@@ -19,7 +19,6 @@ from pathlib import Path
 from fedtune.certs import TlsFiles, check_server_files
 from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.exporter import start_sidecar
-from fedtune.logs import exec_args
 from fedtune.runtime_env import find_executable, flwr_env
 
 DEFAULT_PORT = 8000  # Fleet + Control + Runtime APIs over HTTPS (Flower >= 1.40)
@@ -131,13 +130,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         print(" ".join(cmd))
         return
-    executable = find_executable(cmd[0])
+    find_executable(cmd[0])  # flwr must be installed: one clear line if not
     if args.enable_supernode_auth:
         print("SuperNode authentication is on: only SuperNodes with registered keys may join (fedtune-keys)")
     start_sidecar(args)  # the metrics exporter, when FEDTUNE_METRICS_PORT is set (docs/observability.md)
     sys.stdout.flush()
     # exec: the SuperLink becomes this process, so signals from docker/kubelet reach it directly.
-    os.execve(*exec_args(executable, cmd), flwr_env())
+    # Flower's own CLI, run through superlink.flower_entry (longer SQLite busy timeout, our log pipeline).
+    os.execve(sys.executable, [sys.executable, "-m", "superlink.flower_entry", *cmd[1:]], flwr_env())
 
 
 if __name__ == "__main__":
