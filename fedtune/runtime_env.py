@@ -52,3 +52,24 @@ def require_file(path: str | os.PathLike[str], what: str) -> Path:
     if not resolved.is_file():
         raise FedTuneError(f"{what} not found: {resolved}")
     return resolved
+
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def env_flag(name: str) -> bool:
+    """A boolean environment variable (1/true/yes/on); launchers read every flag's default this way."""
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def env_tristate(name: str) -> bool | None:
+    """True/False when the variable says so, None (= the flag's own default) when unset or empty."""
+    value = os.environ.get(name, "").strip().lower()
+    return None if not value else value in _TRUE
+
+
+def passthrough(extra: list[str] | None) -> list[str]:
+    """Arguments after `--` on a launcher's command line, handed to the flwr program as they are."""
+    extra = list(extra or [])
+    return extra[1:] if extra[:1] == ["--"] else extra
+

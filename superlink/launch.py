@@ -19,22 +19,10 @@ from pathlib import Path
 from fedtune.certs import TlsFiles, check_server_files
 from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.exporter import start_sidecar
-from fedtune.runtime_env import find_executable, flwr_env
+from fedtune.runtime_env import env_flag, env_tristate, find_executable, flwr_env, passthrough
 
 DEFAULT_PORT = 8000  # Fleet + Control + Runtime APIs over HTTPS (Flower >= 1.40)
 DEFAULT_HEALTH_PORT = 9095  # gRPC health service, for Kubernetes `grpc:` probes
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _env_tristate(name: str) -> bool | None:
-    """True/False when the variable says so, None (= the default) when unset or empty."""
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return None
-    return value in {"1", "true", "yes", "on"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ssl-certfile", help="overrides <certs-dir>/server.pem")
     parser.add_argument("--ssl-keyfile", help="overrides <certs-dir>/server.key")
     parser.add_argument(
-        "--insecure", action="store_true", default=_env_flag("FEDTUNE_INSECURE"),
+        "--insecure", action="store_true", default=env_flag("FEDTUNE_INSECURE"),
         help="serve plain HTTP (testing only; never across hosts)",
     )
     parser.add_argument(
@@ -64,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC health service port (0 disables)",
     )
     parser.add_argument(
-        "--enable-supernode-auth", action="store_true", default=_env_tristate("FEDTUNE_SUPERNODE_AUTH"),
+        "--enable-supernode-auth", action="store_true", default=env_tristate("FEDTUNE_SUPERNODE_AUTH"),
         help="only SuperNodes whose public keys were registered may join (needs TLS; the default with TLS)",
     )
     parser.add_argument(
@@ -116,10 +104,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
         args.enable_supernode_auth = not args.insecure
     if args.enable_supernode_auth:
         cmd.append("--enable-supernode-auth")
-    extra = list(args.extra or [])
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
-    return cmd + extra
+    return cmd + passthrough(args.extra)
 
 
 @one_line_errors

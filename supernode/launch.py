@@ -18,14 +18,10 @@ import sys
 
 from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.logs import exec_args
-from fedtune.runtime_env import find_executable, flwr_env, require_file
+from fedtune.runtime_env import env_flag, find_executable, flwr_env, passthrough, require_file
 
 DEFAULT_CLIENTAPP_PORT = 9094
 ORDINAL_RE = re.compile(r"-(\d+)$")
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _env_int(name: str) -> int | None:
@@ -43,12 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--root-certificates", default=env("FEDTUNE_ROOT_CERTIFICATES"),
         help="CA certificate the SuperLink's certificate must chain to",
     )
-    parser.add_argument("--insecure", action="store_true", default=_env_flag("FEDTUNE_INSECURE"))
+    parser.add_argument("--insecure", action="store_true", default=env_flag("FEDTUNE_INSECURE"))
     part = parser.add_mutually_exclusive_group()
     part.add_argument("--partition-id", type=int, default=_env_int("FEDTUNE_PARTITION_ID"))
     part.add_argument(
         "--partition-from-ordinal", action="store_true",
-        default=_env_flag("FEDTUNE_PARTITION_FROM_ORDINAL"),
+        default=env_flag("FEDTUNE_PARTITION_FROM_ORDINAL"),
         help="partition = trailing -N of $POD_NAME (or the hostname) + --partition-offset",
     )
     parser.add_argument("--partition-offset", type=int, default=_env_int("FEDTUNE_PARTITION_OFFSET") or 0)
@@ -69,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-retries", type=int, default=_env_int("FEDTUNE_MAX_RETRIES"))
     parser.add_argument("--max-wait-time", type=float, default=None)
     parser.add_argument(
-        "--warm-trainer", action="store_true", default=_env_flag("FEDTUNE_WARM_TRAINER"),
+        "--warm-trainer", action="store_true", default=env_flag("FEDTUNE_WARM_TRAINER"),
         help="keep the model loaded across rounds in a node-local trainer (docs/performance.md)",
     )
     parser.add_argument(
@@ -162,10 +158,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--max-wait-time", str(args.max_wait_time)]
     if args.data_path and not os.path.exists(args.data_path):
         raise FedTuneError(f"--data-path not found: {args.data_path}")
-    extra = list(args.extra or [])
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
-    return cmd + extra
+    return cmd + passthrough(args.extra)
 
 
 @one_line_errors
