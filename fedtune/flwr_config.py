@@ -20,27 +20,33 @@ def write_connection(
     make_default: bool = True,
 ) -> Path:
     """Add/replace the connection `name` (TLS when `root_certificates` is given, else insecure)."""
-    home = Path(flwr_home).expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / "config.toml"
-    entries: dict[str, list[str]] = {}
-    default = name
-    if path.is_file():  # keep the user's other connections
-        import tomllib
-
-        existing = tomllib.loads(path.read_text())
-        superlink = existing.get("superlink", {})
-        if not make_default and isinstance(superlink.get("default"), str):
-            default = superlink["default"]
-        for other, body in superlink.items():
-            if other != name and isinstance(body, dict):
-                entries[other] = [f"{k} = {_render(v)}" for k, v in body.items()]
     body = [f"address = {_toml_string(address)}"]
     if root_certificates is None:
         body.append("insecure = true")
     else:
         ca = require_file(root_certificates, "CA certificate").resolve()
         body.append(f"root-certificates = {_toml_string(str(ca))}")
+    return _upsert_connection(flwr_home, name, body, make_default)
+
+
+def _upsert_connection(
+    flwr_home: str | os.PathLike[str], name: str, body: list[str], make_default: bool
+) -> Path:
+    """Write connection `name` with `body` lines into config.toml, keeping the user's other connections."""
+    home = Path(flwr_home).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    entries: dict[str, list[str]] = {}
+    default = name
+    if path.is_file():
+        import tomllib
+
+        superlink = tomllib.loads(path.read_text()).get("superlink", {})
+        if not make_default and isinstance(superlink.get("default"), str):
+            default = superlink["default"]
+        for other, other_body in superlink.items():
+            if other != name and isinstance(other_body, dict):
+                entries[other] = _render_table(other_body)
     entries[name] = body
     lines = ["[superlink]", f"default = {_toml_string(default)}", ""]
     for conn, conn_body in entries.items():
@@ -72,26 +78,8 @@ def write_simulation_connection(
     The number of virtual SuperNodes and the Ray resources are given per run with
     `flwr run ... --federation-config "num-supernodes=20 client-resources-num-cpus=1"`
     (the connection's older `options.*` keys are deprecated in Flower 1.42)."""
-    home = Path(flwr_home).expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / "config.toml"
-    entries: dict[str, list[str]] = {}
-    default = name
-    if path.is_file():  # keep the user's other connections
-        import tomllib
-
-        superlink = tomllib.loads(path.read_text()).get("superlink", {})
-        if not make_default and isinstance(superlink.get("default"), str):
-            default = superlink["default"]
-        for other, body in superlink.items():
-            if other != name and isinstance(body, dict):
-                entries[other] = _render_table(body)
-    entries[name] = [f"address = {_toml_string(LOCAL_SIMULATION_ADDRESS)}"]
-    lines = ["[superlink]", f"default = {_toml_string(default)}", ""]
-    for conn, conn_body in entries.items():
-        lines += [f"[superlink.{conn}]", *conn_body, ""]
-    path.write_text("\n".join(lines))
-    return path
+    body = [f"address = {_toml_string(LOCAL_SIMULATION_ADDRESS)}"]
+    return _upsert_connection(flwr_home, name, body, make_default)
 
 
 def _render_table(body: dict[str, object], prefix: str = "") -> list[str]:
