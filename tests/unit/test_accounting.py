@@ -11,27 +11,19 @@ from fedtune.model import initial_adapter_state, state_to_arrays
 
 
 def internlm3_8b_shaped_config():
-    """InternLM3-8B-Instruct's architecture (from its config.json) as a Llama config: no hub needed."""
-    from transformers import LlamaConfig
+    """InternLM3-8B-Instruct's architecture as a Llama config (the benchmark's shape): no hub needed."""
+    from bench.synthetic import INTERNLM3_8B
 
-    return LlamaConfig(
-        vocab_size=128512,
-        hidden_size=4096,
-        intermediate_size=10240,
-        num_hidden_layers=48,
-        num_attention_heads=32,
-        num_key_value_heads=2,
-        head_dim=128,
-        rope_theta=50_000_000,
-        tie_word_embeddings=False,
-    )
+    return INTERNLM3_8B.llama_config()
 
 
 def test_count_bytes_is_npy_bytes_plus_key_bytes():
+    from transformers import LlamaConfig
+
     state = initial_adapter_state(
         ModelSettings(name="unused", trust_remote_code=False),
         seed=0,
-        model_config=internlm3_8b_shaped_config().__class__(
+        model_config=LlamaConfig(
             vocab_size=256,
             hidden_size=64,
             intermediate_size=128,
