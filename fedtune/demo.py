@@ -56,9 +56,7 @@ def run_demo(workdir: Path, profile: Path, overrides: list[str]) -> dict[str, An
     started = time.monotonic()
     with LocalFederation(workdir, extra_env={"OMP_NUM_THREADS": "1"}) as fed:
         print(f"[demo] SuperLink (TLS) on https://{fed.address}, certificates in {fed.certs_dir}")
-        fed.start_superlink()
-        for partition in range(NUM_SUPERNODES):
-            fed.start_supernode(partition, NUM_SUPERNODES)
+        fed.start(NUM_SUPERNODES)
         print(f"[demo] {NUM_SUPERNODES} SuperNodes started; logs in {fed.workdir / 'logs'}")
         cmd = [
             str(Path(sys.executable).with_name("flwr")), "run", str(REPO), CONNECTION,

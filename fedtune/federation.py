@@ -212,6 +212,13 @@ class LocalFederation:
             self.registered_keys[name] = register_key(pair.public_key, CONNECTION, self.flwr_home)
         return pair.private_key
 
+    def start(self, num_supernodes: int) -> LocalFederation:
+        """The SuperLink, then `num_supernodes` SuperNodes, one partition each (of as many)."""
+        self.start_superlink()
+        for partition in range(num_supernodes):
+            self.start_supernode(partition, num_supernodes)
+        return self
+
     def stop(self) -> None:
         for node in reversed(self.supernodes):
             node.stop()

@@ -21,10 +21,7 @@ ROUNDS = 3
 def federation(tmp_path_factory):
     fed = LocalFederation(tmp_path_factory.mktemp("federation"), extra_env={"OMP_NUM_THREADS": "1"})
     try:
-        fed.start_superlink()
-        for partition in range(2):
-            fed.start_supernode(partition, 2)
-        yield fed
+        yield fed.start(num_supernodes=2)
     finally:
         fed.stop()
 

@@ -34,10 +34,7 @@ def auth_federation(tmp_path_factory):
         tmp_path_factory.mktemp("reliability"), extra_env={"OMP_NUM_THREADS": "1"}, supernode_auth=True
     )
     try:
-        fed.start_superlink()
-        for partition in range(2):
-            fed.start_supernode(partition, 2)
-        yield fed
+        yield fed.start(num_supernodes=2)
     finally:
         fed.stop()
 
