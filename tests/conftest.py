@@ -83,3 +83,13 @@ def tiny_run_config(model_dir: Path, **overrides: object) -> dict[str, object]:
     }
     config.update(overrides)
     return config
+
+
+def per_message_bytes(run_config: dict[str, object]) -> int:
+    """Leaderboard bytes of one adapter message (`count_bytes` of the initial fp32 adapter) for a run config."""
+    from fedtune.config import FedTuneConfig
+    from fedtune.model import initial_adapter_state, state_to_arrays
+
+    cfg = FedTuneConfig.from_run_config(run_config)
+    return state_to_arrays(initial_adapter_state(cfg.model, cfg.train.seed), "float32").count_bytes()
+

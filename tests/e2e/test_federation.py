@@ -11,7 +11,7 @@ import pytest
 from fedtune.certs import generate
 from fedtune.config import FedTuneConfig
 from fedtune.federation import LocalFederation
-from tests.conftest import REPO, tiny_run_config
+from tests.conftest import REPO, per_message_bytes, tiny_run_config
 
 pytestmark = pytest.mark.slow
 ROUNDS = 3
@@ -66,11 +66,8 @@ def test_global_adapter_changed_and_checkpoints_load_with_peft(finished_run, fed
 
 
 def test_budget_is_the_leaderboard_formula(finished_run):
-    from fedtune.model import initial_adapter_state, state_to_arrays
-
     _, info, results, overrides = finished_run
-    cfg = FedTuneConfig.from_run_config(overrides)
-    per_message = state_to_arrays(initial_adapter_state(cfg.model, cfg.train.seed), "float32").count_bytes()
+    per_message = per_message_bytes(overrides)
     expected = per_message * 2 * 2 * ROUNDS  # 2 nodes, both directions, every round
     assert results["budget_bytes"] == expected
     assert results["budget_mb"] == expected / 1024**2

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.config import FedTuneConfig
 from fedtune.federation import TERMINAL_STATUSES, free_port
 from fedtune.flwr_config import LOCAL_SIMULATION, write_simulation_connection
 from fedtune.runtime_env import flwr_env
-from tests.conftest import REPO, tiny_run_config
+from tests.conftest import REPO, per_message_bytes, tiny_run_config
 
 pytest.importorskip("ray", reason="needs the simulation extra: pip install 'flwr[simulation]==1.42.0'")
 
@@ -166,11 +165,8 @@ def test_two_of_twenty_virtual_supernodes_per_round(simulation):
 
 
 def test_simulation_budget_is_the_leaderboard_formula(simulation):
-    from fedtune.model import initial_adapter_state, state_to_arrays
-
     results = simulation["results"]
-    cfg = FedTuneConfig.from_run_config(simulation["overrides"])
-    per_message = state_to_arrays(initial_adapter_state(cfg.model, cfg.train.seed), "float32").count_bytes()
+    per_message = per_message_bytes(simulation["overrides"])
     expected = per_message * 2 * 2 * ROUNDS  # 2 nodes, both directions, every round
     assert results["budget_bytes"] == expected
     assert results["budget_mb"] == expected / 1024**2

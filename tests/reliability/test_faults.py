@@ -11,8 +11,7 @@ import pytest
 
 from fedtune.auth import generate as generate_key
 from fedtune.certs import generate as generate_certs
-from fedtune.config import FedTuneConfig
-from tests.conftest import REPO
+from tests.conftest import REPO, per_message_bytes
 from tests.reliability.conftest import small_config
 from tests.reliability.helpers import (
     all_finite,
@@ -30,13 +29,6 @@ from tests.reliability.helpers import (
 
 pytestmark = pytest.mark.slow
 RUN_TIMEOUT = 900
-
-
-def per_message_bytes(config: dict) -> int:
-    from fedtune.model import initial_adapter_state, state_to_arrays
-
-    cfg = FedTuneConfig.from_run_config(config)
-    return state_to_arrays(initial_adapter_state(cfg.model, cfg.train.seed), "float32").count_bytes()
 
 
 def training_in_flight(fed) -> bool:
