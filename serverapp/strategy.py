@@ -173,7 +173,7 @@ class FedTuneAvg(FedAvg):
             nodes.setdefault(node_id, {"down-bytes": traffic.node(node_id).down_bytes, "up-bytes": 0})
 
         global_arrays = arrays if arrays is not None else self._global
-        checkpoint, checkpoint_seconds = None, 0.0
+        checkpoint = None
         assert global_arrays is not None
         every = self.cfg.train.save_every_round
         state = arrays_to_state(global_arrays)
