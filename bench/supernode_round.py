@@ -41,6 +41,7 @@ _PF4 = {
     "train.padding-free": True,
 }
 _BF16 = {"train.upcast-non-quantized": False}
+_COMPILE = {"train.compile-layers": True}
 VARIANTS: dict[str, dict[str, Any]] = {
     "ref": {},
     "pad4": {"train.per-device-train-batch-size": 4, "train.gradient-accumulation-steps": 1},
@@ -50,6 +51,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pf4-bf16": {**_PF4, **_BF16},
     "pf4-gc2-bf16": {**_PF4, **_BF16, "model.gradient-checkpointing-every": 2},
     "pf4-nogc-bf16": {**_PF4, **_BF16, "model.gradient-checkpointing": False},
+    "ref-compile": _COMPILE,
+    "pf4-bf16-compile": {**_PF4, **_BF16, **_COMPILE},
+    "pf4-gc2-bf16-compile": {**_PF4, **_BF16, **_COMPILE, "model.gradient-checkpointing-every": 2},
+    "pf4-nogc-bf16-compile": {**_PF4, **_BF16, **_COMPILE, "model.gradient-checkpointing": False},
     "pf4-nogc-liger": {**_PF4, "model.gradient-checkpointing": False, "train.liger-kernel": True},
     "pf4-gc2-liger": {**_PF4, "model.gradient-checkpointing-every": 2, "train.liger-kernel": True},
 }
@@ -230,7 +235,15 @@ def sweep(
             print(f"{name}: skipped (liger-kernel not installed)", flush=True)
             continue
         try:
+            compile_seconds = None
+            if VARIANTS[name].get("train.compile-layers"):
+                # compilation happens once per warm trainer, not per round: warm up, then measure
+                started = time.perf_counter()
+                run(name, trainset, 2, prepared)
+                compile_seconds = time.perf_counter() - started
             result = run(name, trainset, steps, prepared)
+            if compile_seconds is not None:
+                result["compile_warmup_seconds"] = compile_seconds
         except Exception as err:  # keep sweeping; report the failure
             result = {"error": f"{type(err).__name__}: {err}"}
             torch.cuda.empty_cache() if device == "cuda" else None
@@ -303,10 +316,12 @@ def _sample_lengths(dataset, tokenizer, max_length: int) -> list[int]:
 def _variant_line(name: str, r: dict[str, Any]) -> str:
     if "error" in r:
         return f"{name}: FAILED {r['error']}"
+    warmup = r.get("compile_warmup_seconds")
     return (
         f"{name}: {r['tokens_per_second']:,.0f} tokens/s, {r['s_per_step']:.3f} s/step "
         f"(steady {r['s_per_step_steady']:.3f}), peak {r['peak_gib']:.2f} GiB, MFU {r['mfu']:.1%}, "
         f"{r['tokens']} tokens in {r['train_seconds']:.2f} s (+{r['setup_seconds']:.2f} s setup)"
+        + (f"; compile warm-up (2 steps) {warmup:.1f} s" if warmup is not None else "")
     )
 
 

@@ -8,6 +8,8 @@ Speed levers (all off by default, so the defaults stay the FlowerTune reference;
 - `train.liger-kernel`: Liger's fused RMSNorm/RoPE/SwiGLU kernels (needs the liger-kernel package).
 - `train.upcast-non-quantized = false`: norms, embeddings and LM head stay in bf16 instead of peft's fp32
   copy, so the residual stream, attention and LM head run in bf16.
+- `train.compile-layers`: torch.compile each decoder layer (4-bit matmuls, LoRA branches, norms, RoPE), which
+  fuses the many small kernels a layer launches from Python; the step is CPU launch-bound on a GPU.
 """
 
 from __future__ import annotations
@@ -127,6 +129,35 @@ def set_non_quantized_dtype(model: PeftModel, dtype: Any) -> None:
             param.data = param.data.to(dtype)
 
 
+def decoder_layers(model: Any) -> list[Any]:
+    """The model's repeated transformer blocks: the classes it names in `_no_split_modules` (every
+    transformers model does, remote-code ones such as InternLM3 included)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
+def set_layer_compile(model: Any, enabled: bool) -> int:
+    """Compile (or stop compiling) each decoder layer with torch.compile; returns how many layers changed.
+
+    Regional compilation: the layers share code, so Dynamo compiles one graph (forward and backward) and
+    reuses it for every layer; shapes are dynamic, so padding-free rows of any length reuse it too. A model
+    kept warm across rounds keeps its compiled layers.
+    """
+    changed = 0
+    for layer in decoder_layers(model):
+        compiled = getattr(layer, "_compiled_call_impl", None) is not None
+        if enabled and not compiled:
+            layer.compile(dynamic=True)
+            changed += 1
+        elif not enabled and compiled:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward
+            changed += 1
+    if enabled and not changed and not decoder_layers(model):
+        raise ValueError("train.compile-layers: the model names no decoder layer class in _no_split_modules")
+    return changed
+
+
 def _step_clock() -> Any:
     """A TrainerCallback recording the wall time of each optimizer step (class built lazily: no
     transformers import at module load)."""
@@ -195,6 +226,7 @@ def train_one_round(
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     set_non_quantized_dtype(model, torch.float32 if settings.upcast_non_quantized else None)
+    set_layer_compile(model, settings.compile_layers)
     if not gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
         # a model kept across rounds may have been prepared with checkpointing on
         disable = (

@@ -59,6 +59,9 @@ class TrainSettings:
     padding_free: bool = False
     # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU) where the liger-kernel package is installed
     liger_kernel: bool = False
+    # torch.compile each decoder layer (regional compilation: all layers share one compiled graph); a warm
+    # trainer compiles once per SuperNode, an in-process ClientApp once per round
+    compile_layers: bool = False
     # k-bit models: keep the non-quantised weights (norms, embeddings, LM head) in fp32, as peft's
     # prepare_model_for_kbit_training leaves them (the reference); false runs them in the compute dtype
     upcast_non_quantized: bool = True
@@ -184,6 +187,7 @@ KEYS: dict[str, _Key] = {
     "train.packing": _Key(("train", "packing"), bool),
     "train.padding-free": _Key(("train", "padding_free"), bool),
     "train.liger-kernel": _Key(("train", "liger_kernel"), bool),
+    "train.compile-layers": _Key(("train", "compile_layers"), bool),
     "train.upcast-non-quantized": _Key(("train", "upcast_non_quantized"), bool),
     "output.dir": _Key(("output_dir",), str, bool, "a folder"),
     "comm.budget-limit-mb": _Key(("budget_limit_mb",), float, _positive, "> 0"),
