@@ -10,6 +10,8 @@ Private keys are OpenSSH format (what `flower-supernode --auth-supernode-private
 public keys are OpenSSH `ecdsa-sha2-nistp384 ...` lines (what `flwr supernode register` reads).
 Generating again reuses a valid existing pair, so containers and scripts can run it on every start.
 Registering a key that is already registered is not an error (the SuperLink keeps its node id).
+On Kubernetes the Helm chart mints the keys inside the cluster instead (`fedtune-k8s-keys`,
+fedtune/k8s_keys.py), with the same functions.
 """
 
 from __future__ import annotations
@@ -45,45 +47,64 @@ class NodeKey:
         return cls(root / name, root / f"{name}.pub")
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise FedTuneError(f"key name {name!r}: use letters, digits, '.', '_' or '-' (e.g. supernode-0)")
     return name
 
 
-def load_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:
-    """The SuperNode's private key, exactly as flower-supernode will parse it; one line if it can't."""
-    data = require_file(path, "SuperNode auth key").read_bytes()
+def parse_private_key(data: bytes, source: str) -> ec.EllipticCurvePrivateKey:
+    """An OpenSSH ECDSA private key from bytes, exactly as flower-supernode parses it; one line if not."""
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise FedTuneError(f"not an unencrypted OpenSSH private key: {path} ({err})") from None
+        raise FedTuneError(f"not an unencrypted OpenSSH private key: {source} ({err})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise FedTuneError(f"{path}: SuperNode auth needs an ECDSA key, got {type(key).__name__}")
+        raise FedTuneError(f"{source}: SuperNode auth needs an ECDSA key, got {type(key).__name__}")
     return key
 
 
-def load_public_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePublicKey:
-    data = require_file(path, "SuperNode public key").read_bytes()
+def parse_public_key(data: bytes, source: str) -> ec.EllipticCurvePublicKey:
+    """An OpenSSH `ecdsa-sha2-nistp*` public key line, as `flwr supernode register` reads it."""
     try:
         key = serialization.load_ssh_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as err:
-        raise FedTuneError(f"not an OpenSSH public key: {path} ({err})") from None
+        raise FedTuneError(f"not an OpenSSH public key: {source} ({err})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise FedTuneError(f"{path}: SuperNode auth needs an ECDSA key, got {type(key).__name__}")
+        raise FedTuneError(f"{source}: SuperNode auth needs an ECDSA key, got {type(key).__name__}")
     return key
 
 
-def _public_line(key: ec.EllipticCurvePublicKey, comment: str) -> bytes:
+def load_private_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:
+    """The SuperNode's private key, exactly as flower-supernode will parse it; one line if it can't."""
+    return parse_private_key(require_file(path, "SuperNode auth key").read_bytes(), str(path))
+
+
+def load_public_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePublicKey:
+    return parse_public_key(require_file(path, "SuperNode public key").read_bytes(), str(path))
+
+
+def new_private_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh SuperNode key: ECDSA P-384 (`ssh-keygen -t ecdsa -b 384`)."""
+    return ec.generate_private_key(ec.SECP384R1())
+
+
+def private_key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Unencrypted OpenSSH PEM, what `flower-supernode --auth-supernode-private-key` reads."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+
+
+def public_key_line(key: ec.EllipticCurvePublicKey, comment: str) -> bytes:
+    """One `ecdsa-sha2-nistp384 AAAA... COMMENT` line, what `flwr supernode register` reads."""
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + (
         f" {comment}\n".encode()
     )
 
 
 def _write_private(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    data = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
+    data = private_key_bytes(key)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -106,18 +127,18 @@ def _matching_pair(pair: NodeKey) -> bool:
 
 def generate(out_dir: str | os.PathLike[str], name: str, force: bool = False) -> tuple[NodeKey, bool]:
     """Write `<out_dir>/<name>` (private) and `<name>.pub`; reuse a valid pair. Returns (pair, generated)."""
-    pair = NodeKey.in_dir(out_dir, _check_name(name))
+    pair = NodeKey.in_dir(out_dir, check_name(name))
     pair.private_key.parent.mkdir(parents=True, exist_ok=True)
     if not force and _matching_pair(pair):
         return pair, False
     key = None if force else _existing_private_key(pair.private_key)
     generated = key is None
     if key is None:
-        key = ec.generate_private_key(ec.SECP384R1())
+        key = new_private_key()
         _write_private(key, pair.private_key)
     # A lost or stale .pub is re-derived: a registered node must never get a new identity by accident.
     tmp = pair.public_key.with_name(f".{pair.public_key.name}.tmp")
-    tmp.write_bytes(_public_line(key.public_key(), f"fedtune-{name}"))
+    tmp.write_bytes(public_key_line(key.public_key(), f"fedtune-{name}"))
     os.replace(tmp, pair.public_key)
     return pair, generated
 
@@ -137,7 +158,7 @@ def public_key_of(private_key: str | os.PathLike[str]) -> Path:
     path = Path(private_key)
     public = path.with_name(f"{path.name}.pub")
     if not public.is_file():
-        public.write_bytes(_public_line(load_private_key(path).public_key(), f"fedtune-{path.name}"))
+        public.write_bytes(public_key_line(load_private_key(path).public_key(), f"fedtune-{path.name}"))
     return public
 
 

@@ -27,9 +27,12 @@ from helm_chart import (
     scenario_names,
 )
 
+from fedtune import k8s_keys
+from fedtune.auth import parse_private_key, parse_public_key
 from fedtune.certs import TlsFiles, certificate_sans, check_server_files
 from superlink import launch as superlink_launch
 from supernode import launch as supernode_launch
+from tests.kube_api_fake import FakeKubeApi
 
 pytestmark = pytest.mark.helm
 
@@ -175,6 +178,10 @@ def test_supernodes_verify_the_superlink_with_the_mounted_ca(scenario, monkeypat
 def test_flwr_clients_trust_the_ca_and_dial_a_certified_name(scenario):
     rendered = render_scenario(scenario)
     for job in rendered.of_kind("Job"):
+        component = job["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert component in {"run", "register", "supernode-keys"}, job["metadata"]["name"]
+        if component == "supernode-keys":  # talks to the Kubernetes API only (tested below)
+            continue
         spec = job["spec"]["template"]["spec"]
         item = spec["containers"][0]
         config_volume = mount_of(spec, item, "/etc/fedtune/flwr")
@@ -391,44 +398,217 @@ def test_hf_token_comes_from_the_existing_secret():
 # ------------------------------------------------------------------ SuperNode auth
 
 
-def test_auth_on_wires_superlink_flag_private_keys_and_registration(monkeypatch):
-    rendered = render_scenario("auth")
-    _, _, superlink = _superlink(rendered)
-    assert "--enable-supernode-auth" in superlink["args"]
-    assert env_of(superlink)["FEDTUNE_SUPERNODE_AUTH"]["value"] == "1"
-    statefulset, spec, node = _supernodes(rendered)
-    env = env_of(node)
-    key_path = env["FEDTUNE_AUTH_KEY"]["value"]
-    assert (
-        key_path == "/auth/$(POD_NAME)"
-    )  # kubelet expands it: each pod reads the key named after it
-    volume = mount_of(spec, node, "/auth")
-    assert volume["secret"]["secretName"] == "fedtune-supernode-keys"
-    # Pod names are the Secret keys the docs ask for, and the names of the registered public keys.
-    pods = {
-        f"{statefulset['metadata']['name']}-{i}" for i in range(statefulset["spec"]["replicas"])
-    }
-    public_keys = load_scenario_values("auth")["supernodeAuth"]["publicKeys"]
-    assert set(public_keys) == pods
+MINT = "fedtune-mint-supernode-keys"
+MINTED_SECRET = "fedtune-supernode-auth"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def _pods(rendered) -> list[str]:
+    statefulset = rendered.get("StatefulSet", "fedtune-supernode")
+    return [f"{statefulset['metadata']['name']}-{i}" for i in range(statefulset["spec"]["replicas"])]
+
+
+def _mint_job(rendered):
+    job = rendered.get("Job", MINT)
+    spec = job["spec"]["template"]["spec"]
+    item = container(spec, "mint-keys")
+    return job, spec, item, k8s_keys.build_parser().parse_args(item["args"])
+
+
+def _register_job(rendered):
     job = rendered.get("Job", "fedtune-register-supernodes")
-    assert "post-install" in job["metadata"]["annotations"]["helm.sh/hook"]
-    job_spec = job["spec"]["template"]["spec"]
-    keys_volume = mount_of(job_spec, job_spec["containers"][0], "/keys")
-    keys = rendered.get("ConfigMap", keys_volume["configMap"]["name"])["data"]
-    assert set(keys) == pods and all(k.startswith("ecdsa-sha2-nistp384 ") for k in keys.values())
-    assert "flwr supernode register" in job_spec["containers"][0]["args"][0]
+    spec = job["spec"]["template"]["spec"]
+    return job, spec, spec["containers"][0]
 
 
-def test_auth_off_mounts_no_keys():
+def _use_container_env(monkeypatch, item, **replace):
+    """The container's literal env in this process, paths remapped (mount point -> local folder)."""
+    for name, var in env_of(item).items():
+        if "value" in var and name.startswith("FEDTUNE_"):
+            value = var["value"]
+            for old, new in replace.items():
+                value = value.replace(old, new)
+            monkeypatch.setenv(name, value)
+
+
+def _superlink_command(rendered, tmp_path, monkeypatch) -> list[str]:
+    """What the SuperLink launcher runs for the rendered args/env, with the chart's TLS Secret as /certs."""
+    certs = tmp_path / "certs"
+    certs.mkdir(exist_ok=True)
+    for key, value in rendered.get("Secret", "fedtune-superlink-tls")["data"].items():
+        (certs / key).write_bytes(base64.b64decode(value))
+    _, _, item = _superlink(rendered)
+    _use_container_env(monkeypatch, item)
+    argv = [arg.replace(f"{CERTS}/", f"{certs}/") for arg in item["args"]]
+    return superlink_launch.build_command(superlink_launch.build_parser().parse_args(argv))
+
+
+def test_default_install_turns_auth_on_with_keys_minted_in_the_cluster(tmp_path, monkeypatch):
     rendered = render_scenario("default")
+    assert load_scenario_values("default")["supernodeAuth"]["enabled"] is True
+    _, _, superlink = _superlink(rendered)
+    assert "--enable-supernode-auth" in superlink["args"] and "--no-supernode-auth" not in superlink["args"]
+    assert env_of(superlink)["FEDTUNE_SUPERNODE_AUTH"]["value"] == "1"
+    assert "--enable-supernode-auth" in _superlink_command(rendered, tmp_path, monkeypatch)
+    statefulset, spec, node = _supernodes(rendered)
+    # kubelet expands $(POD_NAME): each pod reads the key named after it from the minted Secret
+    assert env_of(node)["FEDTUNE_AUTH_KEY"]["value"] == "/auth/$(POD_NAME)"
+    volume = mount_of(spec, node, "/auth")
+    assert volume["secret"]["secretName"] == MINTED_SECRET
+    # the mint Job, fed through its own parser, makes keys for exactly these pods in exactly that Secret
+    _, _, _, args = _mint_job(rendered)
+    assert args.secret == MINTED_SECRET and args.namespace == "federation"
+    assert k8s_keys.pod_names(args.statefulset, args.replicas) == _pods(rendered)
+    assert args.statefulset == statefulset["metadata"]["name"]
+
+
+def test_mint_hooks_run_before_the_supernodes_with_least_privilege():
+    rendered = render_scenario("default")
+    job, spec, item, args = _mint_job(rendered)
+    weights = {}
+    for kind in ("ServiceAccount", "Role", "RoleBinding", "Job"):
+        annotations = rendered.get(kind, MINT)["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade", kind
+        assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"].split(","), kind
+        weights[kind] = int(annotations["helm.sh/hook-weight"])
+    assert max(weights[k] for k in ("ServiceAccount", "Role", "RoleBinding")) < weights["Job"]
+    register, _, _ = _register_job(rendered)
+    assert register["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    # Role: get/patch on the one Secret by name; create cannot be limited by name in RBAC, so it is apart.
+    role = rendered.get("Role", MINT)
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [args.secret], "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    ]
+    binding = rendered.get("RoleBinding", MINT)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": MINT}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": MINT, "namespace": "federation"}]
+    # nothing else in the chart gets any Kubernetes API rights
+    assert [r["metadata"]["name"] for r in rendered.of_kind("Role") + rendered.of_kind("RoleBinding")] == [MINT] * 2
+    assert rendered.of_kind("ClusterRole") == rendered.of_kind("ClusterRoleBinding") == []
+    assert rendered.get("ServiceAccount", MINT)["automountServiceAccountToken"] is False
+    # only this pod holds a token: projected (short-lived) where client libraries look for it
+    assert spec["serviceAccountName"] == MINT and spec["automountServiceAccountToken"] is False
+    sources = mount_of(spec, item, SERVICE_ACCOUNT_DIR)["projected"]["sources"]
+    token = next(s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s)
+    assert token["path"] == "token" and token["expirationSeconds"] <= 3600
+    assert {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in sources
+    assert any(s.get("downwardAPI", {}).get("items", [{}])[0].get("path") == "namespace" for s in sources)
+    assert Path(k8s_keys.SERVICE_ACCOUNT_DIR) == Path(SERVICE_ACCOUNT_DIR)  # the script's default
+    # its command is a console script of the images (the SuperNode image, as the StatefulSet's pods)
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert item["command"] == ["fedtune-k8s-keys"] and scripts["fedtune-k8s-keys"] == "fedtune.k8s_keys:main"
+    _, _, node = _supernodes(rendered)
+    assert item["image"] == node["image"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_register_job_reads_only_the_minted_public_keys():
+    for sets in ((), ("supernodes.replicaCount=3", "supernodes.numPartitions=3")):
+        rendered = render(*sets)
+        pods = _pods(rendered)
+        _, _, _, args = _mint_job(rendered)
+        assert k8s_keys.pod_names(args.statefulset, args.replicas) == pods
+        _, spec, item = _register_job(rendered)
+        volume = mount_of(spec, item, "/minted-keys")
+        assert volume["secret"]["secretName"] == args.secret
+        # never a private key: only `<pod>.pub`, as file `<pod>` (the name it is registered under)
+        assert volume["secret"]["items"] == [{"key": f"{pod}.pub", "path": pod} for pod in pods]
+        assert "for key in /keys/* /minted-keys/*" in item["args"][0]
+        assert "flwr supernode register" in item["args"][0]
+
+
+def test_minted_secret_feeds_the_supernode_launcher_and_the_register_job(tmp_path, monkeypatch, capsys):
+    """The mint Job's rendered args against a fake API server, its Secret mounted as the pods see it."""
+    rendered = render_scenario("default")
+    _, _, item, _ = _mint_job(rendered)
+    with FakeKubeApi(tmp_path, namespace="federation") as api:
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api.port))
+        k8s_keys.main([*item["args"], "--service-account-dir", str(api.service_account_dir)])
+        data = api.secret(MINTED_SECRET)
+    assert "minted a key for fedtune-supernode-1" in capsys.readouterr().out
+    auth = tmp_path / "auth"
+    auth.mkdir()
+    for key, value in data.items():
+        (auth / key).write_bytes(value)
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca = rendered.get("Secret", "fedtune-superlink-tls")["data"]["ca.crt"]
+    (certs / "ca.crt").write_bytes(base64.b64decode(ca))
+    _, _, node = _supernodes(rendered)
+    for pod in _pods(rendered):
+        monkeypatch.setenv("POD_NAME", pod)
+        _use_container_env(monkeypatch, node, **{"$(POD_NAME)": pod, "/auth/": f"{auth}/", f"{CERTS}/": f"{certs}/"})
+        cmd = supernode_launch.build_command(supernode_launch.build_parser().parse_args([]))
+        assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(auth / pod)
+    _, spec, _ = _register_job(rendered)
+    for entry in next(v for v in spec["volumes"] if v["name"] == "minted-keys")["secret"]["items"]:
+        public = parse_public_key(data[entry["key"]], entry["key"])
+        private = parse_private_key(data[entry["path"]], entry["path"])
+        assert public.public_numbers() == private.public_key().public_numbers()
+
+
+def test_auth_off_renders_no_supernode_auth(tmp_path, monkeypatch):
+    rendered = render("supernodeAuth.enabled=false")
     _, _, superlink = _superlink(rendered)
     assert "--enable-supernode-auth" not in superlink["args"]
     # the launcher's default over TLS is auth on: with auth off in values it must be told so
     assert "--no-supernode-auth" in superlink["args"]
+    assert "--enable-supernode-auth" not in _superlink_command(rendered, tmp_path, monkeypatch)
     _, spec, node = _supernodes(rendered)
     assert "FEDTUNE_AUTH_KEY" not in env_of(node)
     assert "auth" not in {v["name"] for v in spec["volumes"]}
+    for kind in ("Job", "ServiceAccount", "Role", "RoleBinding"):
+        assert rendered.maybe(kind, MINT) is None, kind
     assert rendered.maybe("Job", "fedtune-register-supernodes") is None
+
+
+def test_existing_secret_skips_minting_and_registers_the_given_public_keys(tmp_path, monkeypatch):
+    rendered = render_scenario("auth")
+    assert "--enable-supernode-auth" in _superlink_command(rendered, tmp_path, monkeypatch)
+    for kind in ("Job", "ServiceAccount", "Role", "RoleBinding"):
+        assert rendered.maybe(kind, MINT) is None, kind
+    _, spec, node = _supernodes(rendered)
+    assert env_of(node)["FEDTUNE_AUTH_KEY"]["value"] == "/auth/$(POD_NAME)"
+    assert mount_of(spec, node, "/auth")["secret"]["secretName"] == "fedtune-supernode-keys"
+    # Pod names are the Secret keys the docs ask for, and the names of the registered public keys.
+    pods = set(_pods(rendered))
+    assert set(load_scenario_values("auth")["supernodeAuth"]["publicKeys"]) == pods
+    _, job_spec, register = _register_job(rendered)
+    keys_volume = mount_of(job_spec, register, "/keys")
+    keys = rendered.get("ConfigMap", keys_volume["configMap"]["name"])["data"]
+    assert set(keys) == pods and all(k.startswith("ecdsa-sha2-nistp384 ") for k in keys.values())
+    assert "minted-keys" not in {v["name"] for v in job_spec["volumes"]}
+
+
+def test_public_keys_of_other_clusters_are_registered_next_to_the_minted_ones():
+    key = load_scenario_values("auth")["supernodeAuth"]["publicKeys"]["fedtune-supernode-0"]
+    rendered = render(f"supernodeAuth.publicKeys.site-b-supernode-0={key}")
+    _, spec, item = _register_job(rendered)
+    config_map = rendered.get("ConfigMap", mount_of(spec, item, "/keys")["configMap"]["name"])
+    assert config_map["data"] == {"site-b-supernode-0": key}
+    assert mount_of(spec, item, "/minted-keys")["secret"]["secretName"] == MINTED_SECRET
+    assert rendered.maybe("Job", MINT) is not None
+
+
+def test_supernodes_only_site_mints_keys_but_leaves_registration_to_the_superlink():
+    rendered = render_scenario("supernodes-only")
+    _, _, _, args = _mint_job(rendered)
+    assert k8s_keys.pod_names(args.statefulset, args.replicas) == _pods(rendered)
+    _, spec, node = _supernodes(rendered)
+    assert mount_of(spec, node, "/auth")["secret"]["secretName"] == args.secret
+    assert rendered.maybe("Job", "fedtune-register-supernodes") is None
+    assert rendered.of_kind("ConfigMap") == []  # no flwr connection: nothing here talks to the Control API
+
+
+def test_docs_explain_in_cluster_keys_and_the_control_api_limit():
+    for path in (CHART / "README.md", REPO / "docs" / "reliability.md", REPO / "README.md"):
+        text = path.read_text()
+        assert "fedtune-k8s-keys" in text and "Control API" in text, path
+        assert "NetworkPolic" in text, path
+    values = (CHART / "values.yaml").read_text()
+    assert "## @param supernodeAuth.mint.resources" in values and "cannot write OpenSSH ECDSA keys" in values
 
 
 # ------------------------------------------------------ SuperLink, run, monitoring, helm test
@@ -454,7 +634,9 @@ def test_supernodes_only_deploys_no_superlink():
     rendered = render_scenario("supernodes-only")
     kinds = {(o["kind"], o["metadata"]["name"]) for o in rendered.objects}
     assert not any("superlink" in name for _, name in kinds), kinds
-    assert rendered.of_kind("Job") == [] and rendered.of_kind("PersistentVolumeClaim") == []
+    # The only Job mints this cluster's SuperNode keys; registering them is the SuperLink operator's job.
+    assert [j["metadata"]["name"] for j in rendered.of_kind("Job")] == ["fedtune-mint-supernode-keys"]
+    assert rendered.of_kind("PersistentVolumeClaim") == []
     assert rendered.of_kind("Pod") == []  # nothing local to `helm test`
 
 

@@ -157,6 +157,8 @@ def _template_fails(*sets: str, values: tuple[str, ...] = ()) -> str:
         ("superlink.service.port=70000", "superlink.service.port"),
         ("supernodes.superlinkAddress=no-port", "supernodes.superlinkAddress"),
         ("supernodes.replicasCount=3", "replicasCount"),  # a typo is an error, not silently ignored
+        ("supernodeAuth.mint.backoffLimit=-1", "supernodeAuth.mint.backoffLimit"),
+        ("supernodeAuth.existingSecret=Bad_Name", "supernodeAuth.existingSecret"),
     ],
 )
 def test_schema_rejects_bad_values(setting, message):
@@ -172,7 +174,7 @@ def test_schema_rejects_bad_values(setting, message):
         (("superlink.enabled=false",), "supernodes.superlinkAddress"),
         (("superlink.enabled=false", "supernodes.superlinkAddress=a.example:8000"), "tls.caSecret"),
         (("tls.mode=existingSecret",), "tls.existingSecret"),
-        (("supernodeAuth.enabled=true",), "supernodeAuth.existingSecret"),
+        (("supernodeAuth.existingSecret=my-keys",), "supernodeAuth.publicKeys"),
         (("superlink.ingress.enabled=true",), "superlink.externalHostname"),
         (("supernodes.modelCache.type=existingClaim",), "supernodes.modelCache.existingClaim"),
     ],

@@ -208,6 +208,34 @@ else:
 PY
 {{- end -}}
 
+{{/* ---------------------------------------------------------------- SuperNode auth */}}
+
+{{/* "true" when the chart mints the SuperNode keys in the cluster: auth on, SuperNodes in this
+release, and no supernodeAuth.existingSecret (user-supplied keys are never minted over). */}}
+{{- define "fedtune.supernodeAuth.mint" -}}
+{{- if and .Values.supernodeAuth.enabled .Values.supernodes.enabled (not .Values.supernodeAuth.existingSecret) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret with one private key per SuperNode pod, each under the pod's name (minted: also <pod>.pub). */}}
+{{- define "fedtune.supernodeAuth.secretName" -}}
+{{- default (printf "%s-supernode-auth" (include "fedtune.fullname" .)) .Values.supernodeAuth.existingSecret -}}
+{{- end -}}
+
+{{/* "true" when the register hook Job runs. Only the SuperLink's own release registers keys: a
+SuperNodes-only release hands its public keys to the SuperLink operator instead. */}}
+{{- define "fedtune.supernodeAuth.register" -}}
+{{- if and .Values.supernodeAuth.enabled .Values.supernodeAuth.register.enabled .Values.superlink.enabled -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Name of the mint hook Job and of its ServiceAccount, Role and RoleBinding. */}}
+{{- define "fedtune.supernodeAuth.mintName" -}}
+{{- printf "%s-mint-supernode-keys" (include "fedtune.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{/* ---------------------------------------------------------------- checks */}}
 {{- define "fedtune.validateValues" -}}
 {{- $messages := list -}}
@@ -228,8 +256,8 @@ PY
 {{- if gt (add .Values.supernodes.partitionOffset .Values.supernodes.replicaCount) (int .Values.supernodes.numPartitions) -}}
 {{- $messages = append $messages (printf "supernodes: partitionOffset (%d) + replicaCount (%d) exceeds numPartitions (%d); pod ordinals map to partitions offset..offset+replicas-1" (int .Values.supernodes.partitionOffset) (int .Values.supernodes.replicaCount) (int .Values.supernodes.numPartitions)) -}}
 {{- end -}}
-{{- if and .Values.supernodeAuth.enabled .Values.supernodes.enabled (not .Values.supernodeAuth.existingSecret) -}}
-{{- $messages = append $messages "supernodeAuth.enabled needs supernodeAuth.existingSecret (one private key per SuperNode pod)" -}}
+{{- if and (include "fedtune.supernodeAuth.register" .) .Values.supernodeAuth.existingSecret .Values.supernodes.enabled (not .Values.supernodeAuth.publicKeys) (not .Values.supernodeAuth.publicKeysConfigMap) -}}
+{{- $messages = append $messages "supernodeAuth.existingSecret holds only private keys: give their public keys in supernodeAuth.publicKeys (or publicKeysConfigMap), set supernodeAuth.register.enabled=false to register them yourself, or leave existingSecret empty to have the keys minted in the cluster" -}}
 {{- end -}}
 {{- if and .Values.superlink.ingress.enabled (not .Values.superlink.externalHostname) -}}
 {{- $messages = append $messages "superlink.ingress.enabled needs superlink.externalHostname" -}}
