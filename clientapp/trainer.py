@@ -23,6 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from fedtune.config import TrainSettings
 
+# With compiled layers, rows are padded to a multiple of this many tokens (labels -100; in a padding-free
+# row each pad token is a sequence of its own): Triton kernels specialise on sizes divisible by 16, so
+# unpadded lengths would keep compiling new variants.
+COMPILE_PAD_MULTIPLE = 64
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from peft import PeftModel
@@ -59,6 +64,7 @@ def sft_config(
     gradient_checkpointing: bool,
     output_dir: str,
     checkpoint_every: int = 1,
+    dataset_prepared: bool = False,
 ):  # -> SFTConfig (import kept lazy)
     from trl import SFTConfig
 
@@ -76,6 +82,8 @@ def sft_config(
     }
     if settings.liger_kernel:
         extra["use_liger_kernel"] = True
+    if dataset_prepared:  # already tokenised, truncated and labelled by trl in an earlier round
+        extra["dataset_kwargs"] = {"skip_prepare_dataset": True}
     padding_free = uses_padding_free(settings)
     return SFTConfig(
         output_dir=output_dir,
@@ -104,6 +112,7 @@ def sft_config(
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        pad_to_multiple_of=COMPILE_PAD_MULTIPLE if settings.compile_layers and not padding_free else None,
         **extra,
     )
 
@@ -137,25 +146,75 @@ def decoder_layers(model: Any) -> list[Any]:
     return [m for m in base.modules() if type(m).__name__ in names]
 
 
-def set_layer_compile(model: Any, enabled: bool) -> int:
-    """Compile (or stop compiling) each decoder layer with torch.compile; returns how many layers changed.
+_COMPILED_FORWARDS: dict[type, Any] = {}  # decoder layer class -> its compiled forward, shared by all layers
 
-    Regional compilation: the layers share code, so Dynamo compiles one graph (forward and backward) and
-    reuses it for every layer; shapes are dynamic, so padding-free rows of any length reuse it too. A model
-    kept warm across rounds keeps its compiled layers.
+
+def _compiled_forward(layer_class: type) -> Any:
+    import torch
+
+    if layer_class not in _COMPILED_FORWARDS:
+        # transformers >= 5 wraps a layer's forward to checkpoint it; compile what it wraps
+        forward = getattr(layer_class.forward, "__wrapped__", layer_class.forward)
+        _COMPILED_FORWARDS[layer_class] = torch.compile(forward, dynamic=True)
+    return _COMPILED_FORWARDS[layer_class]
+
+
+def _checkpointed_compiled_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """A decoder layer's forward: compiled, and checkpointed (outside the compiled region) where transformers
+    has switched checkpointing on for this layer (`model.gradient-checkpointing-every` decides which)."""
+    import functools
+
+    import torch
+
+    compiled = _compiled_forward(type(self))
+    if self.training:
+        kwargs.pop("use_cache", None)  # no KV cache in training; the same kwargs for every layer: one graph
+        if getattr(self, "gradient_checkpointing", False) and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(functools.partial(compiled, self, **kwargs), *args)
+    return compiled(self, *args, **kwargs)
+
+
+def set_layer_compile(model: Any, enabled: bool) -> int:
+    """Compile (or stop compiling) each decoder layer's forward with torch.compile; returns how many layers
+    changed.
+
+    Regional compilation: every layer runs one compiled function (forward and backward), so Dynamo compiles
+    it once, not once per layer. Activation checkpointing stays outside the compiled region. Shapes are
+    dynamic; rows are padded to `COMPILE_PAD_MULTIPLE` tokens so that a few compiled variants serve every
+    length. A model kept warm across rounds keeps its compiled layers.
     """
+    import types
+
+    layers = decoder_layers(model)
+    if enabled and not layers:
+        raise ValueError("train.compile-layers: the model names no decoder layer class in _no_split_modules")
     changed = 0
-    for layer in decoder_layers(model):
-        compiled = getattr(layer, "_compiled_call_impl", None) is not None
+    for layer in layers:
+        compiled = "forward" in layer.__dict__
         if enabled and not compiled:
-            layer.compile(dynamic=True)
+            layer.forward = types.MethodType(_checkpointed_compiled_forward, layer)
             changed += 1
         elif not enabled and compiled:
-            layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward
+            del layer.forward  # back to the class's eager forward
             changed += 1
-    if enabled and not changed and not decoder_layers(model):
-        raise ValueError("train.compile-layers: the model names no decoder layer class in _no_split_modules")
     return changed
+
+
+class RealTokenCounter:
+    """Wraps a collator; remembers each micro-batch's real (non-padding) token count in collation order, so
+    the tokens of the batches the trainer consumed can be summed afterwards (the data loader may collate one
+    batch ahead)."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+        self.counts: list[int] = []
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        self.counts.append(sum(len(example["input_ids"]) for example in examples))
+        return self.collator(examples)
+
+    def tokens(self, micro_batches: int) -> int:
+        return sum(self.counts[:micro_batches])
 
 
 def _step_clock() -> Any:
@@ -235,7 +294,8 @@ def train_one_round(
         disable()
     cache_key = (getattr(dataset, "_fingerprint", id(dataset)), settings.seq_length, id(tokenizer))
     train_dataset = dataset
-    if prepared is not None and not settings.packing and prepared.get("key") == cache_key:
+    dataset_prepared = prepared is not None and not settings.packing and prepared.get("key") == cache_key
+    if dataset_prepared:
         train_dataset = prepared["dataset"]
     saved_forwards = _forward_attributes(model)
     clock = _step_clock()
@@ -245,7 +305,13 @@ def train_one_round(
             trainer = SFTTrainer(
                 model=model,
                 args=sft_config(
-                    settings, learning_rate, device, gradient_checkpointing, output_dir, checkpoint_every
+                    settings,
+                    learning_rate,
+                    device,
+                    gradient_checkpointing,
+                    output_dir,
+                    checkpoint_every,
+                    dataset_prepared,
                 ),
                 train_dataset=train_dataset,
                 processing_class=tokenizer,
@@ -254,11 +320,17 @@ def train_one_round(
             # transformers prints a raw dict per logged step to stdout, which breaks the SuperNode's
             # JSON log lines; the losses reach the server in the reply's metrics instead.
             trainer.remove_callback(PrinterCallback)
+            counter = None
             if settings.padding_free and not settings.packing:
                 # trl has tokenised and truncated to max_length; now concatenate each micro-batch.
-                trainer.data_collator = DataCollatorForLanguageModeling(
-                    pad_token_id=tokenizer.pad_token_id, padding_free=True
+                counter = RealTokenCounter(
+                    DataCollatorForLanguageModeling(
+                        pad_token_id=tokenizer.pad_token_id,
+                        padding_free=True,
+                        pad_to_multiple_of=COMPILE_PAD_MULTIPLE if settings.compile_layers else None,
+                    )
                 )
+                trainer.data_collator = counter
             if prepared is not None and not settings.packing:
                 prepared.update(key=cache_key, dataset=trainer.train_dataset)
             setup_seconds = time.perf_counter() - setup_started
@@ -267,6 +339,8 @@ def train_one_round(
             seconds = time.perf_counter() - started
             history = tuple(float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
             tokens = int(trainer.state.num_input_tokens_seen)
+            if counter is not None:  # exact even when the row was padded for compiled layers
+                tokens = counter.tokens(result.global_step * settings.gradient_accumulation_steps)
     finally:
         _restore_forward_attributes(saved_forwards)
     loss = float(result.training_loss)

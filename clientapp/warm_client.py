@@ -5,8 +5,9 @@ trainer process started next to the SuperNode keeps the quantised model resident
 never imports torch) hands it the round over a local Unix socket and replies with what comes back. If the
 service is absent or dies mid-round, the ClientApp trains in-process as before (`train_remote` returns None).
 
-Frame: 8-byte big-endian header length, a JSON header, then the raw bytes of the arrays it lists
-(`{"key", "dtype", "shape", "nbytes"}`, C order, in header order).
+Frame: 8-byte big-endian header length, a JSON header, then the bytes of the Flower Arrays it lists
+(`{"key", "dtype", "shape", "stype", "nbytes"}`, in header order). An Array's bytes travel as Flower
+serialised them (`Array.data`): neither side converts 77 MB of adapter to numpy and back to cross the socket.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from fedtune.errors import FedTuneError
 
 if TYPE_CHECKING:
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedtune.warm")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 SOCKET_NODE_CONFIG_KEY = "trainer-socket"
 SOCKET_ENV = "FEDTUNE_TRAINER_SOCKET"
 CONNECT_TIMEOUT_S = 5.0
@@ -60,46 +59,42 @@ def _recv_exact(sock: socket.socket, size: int) -> memoryview:
     return view
 
 
-def send_frame(
-    sock: socket.socket, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None
-) -> None:
-    arrays = arrays or {}
+def send_frame(sock: socket.socket, header: dict[str, Any], arrays: ArrayRecord | None = None) -> None:
+    items = list(arrays.items()) if arrays is not None else []
     header = dict(
         header,
         v=PROTOCOL_VERSION,
         arrays=[
-            {"key": key, "dtype": a.dtype.str, "shape": list(a.shape), "nbytes": int(a.nbytes)}
-            for key, a in arrays.items()
+            {"key": key, "dtype": a.dtype, "shape": list(a.shape), "stype": a.stype, "nbytes": len(a.data)}
+            for key, a in items
         ],
     )
     encoded = json.dumps(header).encode()
     sock.sendall(_HEADER.pack(len(encoded)) + encoded)
-    for array in arrays.values():
-        sock.sendall(memoryview(np.ascontiguousarray(array)).cast("B"))
+    for _, array in items:
+        sock.sendall(array.data)
 
 
-def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], ArrayRecord | None]:
+    """The header and, if the frame lists any, its arrays as a Flower ArrayRecord."""
     (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
     header = json.loads(bytes(_recv_exact(sock, size)))
     if header.get("v") != PROTOCOL_VERSION:
         raise FedTuneError(
             f"warm trainer speaks protocol {header.get('v')}, this ClientApp {PROTOCOL_VERSION}"
         )
-    arrays = {}
-    for spec in header.pop("arrays"):
-        data = _recv_exact(sock, spec["nbytes"])
-        arrays[spec["key"]] = np.frombuffer(data, dtype=np.dtype(spec["dtype"])).reshape(spec["shape"])
-    return header, arrays
-
-
-def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {key: array.numpy() for key, array in record.items()}
-
-
-def numpy_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    specs = header.pop("arrays")
+    if not specs:
+        return header, None
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord({key: Array(np.ascontiguousarray(a)) for key, a in arrays.items()})
+    record = ArrayRecord()
+    for spec in specs:
+        data = bytes(_recv_exact(sock, spec["nbytes"]))
+        record[spec["key"]] = Array(
+            dtype=spec["dtype"], shape=tuple(spec["shape"]), stype=spec["stype"], data=data
+        )
+    return header, record
 
 
 # ---- client --------------------------------------------------------------------------------------
@@ -131,7 +126,7 @@ def train_remote(
             send_frame(
                 sock,
                 {"op": "train", "run_config": run_config, "node_config": node_config, "round": round_config},
-                record_to_numpy(global_arrays),
+                global_arrays,
             )
             header, arrays = recv_frame(sock)
     except (ServiceGone, OSError) as err:
@@ -139,7 +134,9 @@ def train_remote(
         return None
     if not header.get("ok"):
         raise FedTuneError(f"warm trainer: {header.get('error', 'unknown error')}")
-    return numpy_to_record(arrays), header["metrics"], header.get("details", {})
+    if arrays is None:
+        raise FedTuneError("warm trainer replied without arrays")
+    return arrays, header["metrics"], header.get("details", {})
 
 
 def ping(path: str, timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any] | None:

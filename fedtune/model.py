@@ -177,9 +177,9 @@ def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
 
 def load_adapter_state(model: PeftModel, state: OrderedDict[str, torch.Tensor]) -> None:
     """Put global adapter weights into the model; every key must match exactly."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    expected = set(adapter_state(model))
+    expected = set(get_peft_model_state_dict(model))  # the keys only: no copy of the tensors
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"adapter keys differ from the model's: missing {missing[:3]}, extra {extra[:3]}")

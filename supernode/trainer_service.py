@@ -81,9 +81,9 @@ class TrainerService:
         log.info("preloaded %s in %.1f s", cfg.model.name, time.perf_counter() - started)
 
     def handle(self, conn: socket.socket) -> None:
-        from clientapp.warm_client import numpy_to_record, record_to_numpy, recv_frame, send_frame
+        from clientapp.warm_client import recv_frame, send_frame
 
-        header, arrays = recv_frame(conn)
+        header, record = recv_frame(conn)
         op = header.get("op")
         if op == "ping":
             send_frame(
@@ -104,11 +104,10 @@ class TrainerService:
             from clientapp.round import run_round
             from fedtune.config import FedTuneConfig
 
-            received = time.perf_counter()
             cfg = FedTuneConfig.from_run_config(header["run_config"])
             rnd = header["round"]
-            record = numpy_to_record(arrays)
-            decode_seconds = time.perf_counter() - received
+            if record is None:
+                raise ValueError("train request without adapter arrays")
             out, metrics, outcome = run_round(
                 cfg,
                 header["node_config"],
@@ -118,19 +117,13 @@ class TrainerService:
                 record,
                 cache=self.cache,
             )
-            metrics["time-adapter-in"] = metrics.get("time-adapter-in", 0.0) + decode_seconds
-            encode_started = time.perf_counter()
-            payload = record_to_numpy(out)
-            metrics["time-adapter-out"] = metrics.get("time-adapter-out", 0.0) + (
-                time.perf_counter() - encode_started
-            )
             self.rounds += 1
             details = {"loss_history": list(outcome.loss_history), "step_seconds": list(outcome.step_seconds)}
         except Exception as err:  # report it to the ClientApp, stay up for the next round
             log.error("round failed: %s", traceback.format_exc())
             send_frame(conn, {"ok": False, "error": f"{type(err).__name__}: {err}"})
             return
-        send_frame(conn, {"ok": True, "metrics": metrics, "details": details}, payload)
+        send_frame(conn, {"ok": True, "metrics": metrics, "details": details}, out)
 
     def serve(self, ready_file: str | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
