@@ -38,21 +38,22 @@ case "$phase" in
     python3 - "$RESULTS/sweep.json" <<'PY'
 import json, sys
 v = json.load(open(sys.argv[1]))["variants"].get("pf4-nogc-bf16-compile", {})
-peak = v.get("worst_case_reserved_gib", v.get("worst_case_peak_gib"))
-if not isinstance(peak, float) or peak > 24e9 / 2**30 - 1.0:  # ~1 GiB for the CUDA context and libraries
-    print(f"fast profile: pf4-nogc-bf16-compile worst-case {peak} GiB does not fit 24 GB: using gc every 2")
+if v.get("fits_card_cap") is not True:
+    print(f"fast profile: pf4-nogc-bf16-compile worst case {v.get('worst_case_peak_gib')} does not fit a 24 GB "
+          "card: using gc every 2")
     text = open("profiles/fast.toml").read().replace(
         "model.gradient-checkpointing = false", "model.gradient-checkpointing-every = 2")
     open("profiles/fast.toml", "w").write(text)
 PY
     ;;
-  rounds)
-    python3 -m bench.supernode_round rounds --out "$WORK" --mode naive --profiles reference,fast \
-      --json "$RESULTS/rounds-naive.json" 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]\|^{'" \
-      | tee "$RESULTS/rounds-naive.txt"
-    python3 -m bench.supernode_round rounds --out "$WORK" --mode warm --preload --profiles reference,fast \
-      --rounds ${WARM_ROUNDS:-1} --json "$RESULTS/rounds-warm.json" 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]\|^{'" \
-      | tee "$RESULTS/rounds-warm.txt"
+  rounds)  # ROUND_MODES="naive warm" (default) or one of them; WARM_ROUNDS rounds per profile when warm
+    for mode in ${ROUND_MODES:-naive warm}; do
+      extra=""
+      [ "$mode" = warm ] && extra="--preload --rounds ${WARM_ROUNDS:-1}"
+      python3 -m bench.supernode_round rounds --out "$WORK" --mode "$mode" --profiles "${ROUND_PROFILES:-reference,fast}" \
+        $extra --json "$RESULTS/rounds-$mode.json" 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]\|^{'" \
+        | tee "$RESULTS/rounds-$mode.txt"
+    done
     ;;
 esac
 done

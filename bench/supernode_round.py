@@ -161,6 +161,7 @@ def sweep(
     worst: list[str],
     profile_variant: str | None,
     json_path: Path | None,
+    card_cap_gib: float = 0.0,
 ) -> dict[str, Any]:
     import torch
 
@@ -256,18 +257,34 @@ def sweep(
     for name in worst:
         if name not in results["variants"] or "error" in results["variants"][name]:
             continue
+        entry = results["variants"][name]
+        # A 24 GB card, emulated: the caching allocator may hold at most `card_cap_gib` (the card less the
+        # CUDA context and libraries); an out-of-memory error means the variant does not fit such a card.
+        capped = device == "cuda" and card_cap_gib > 0
+        if capped:
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, card_cap_gib * GiB / total))
         try:
             result = run(name, worstset, 2, None)
-            results["variants"][name]["worst_case_peak_gib"] = result["peak_gib"]
-            results["variants"][name]["worst_case_reserved_gib"] = result["peak_reserved_gib"]
+            entry["worst_case_peak_gib"] = result["peak_gib"]
+            entry["worst_case_reserved_gib"] = result["peak_reserved_gib"]
+            entry["fits_card_cap"] = True if capped else None
             print(
                 f"{name}: worst-case batch (4 × 512 tokens) peak {result['peak_gib']:.2f} GiB allocated, "
-                f"{result['peak_reserved_gib']:.2f} GiB reserved",
+                f"{result['peak_reserved_gib']:.2f} GiB reserved"
+                + (f"; fits under a {card_cap_gib:.2f} GiB cap" if capped else ""),
                 flush=True,
             )
         except Exception as err:
-            results["variants"][name]["worst_case_peak_gib"] = f"{type(err).__name__}: {err}"
-            print(f"{name}: worst case failed: {err}", flush=True)
+            oom = "out of memory" in str(err).lower()
+            entry["worst_case_peak_gib"] = f"{type(err).__name__}: {str(err)[:200]}"
+            entry["fits_card_cap"] = False if capped and oom else None
+            print(f"{name}: worst case failed: {str(err)[:300]}", flush=True)
+        finally:
+            if capped:
+                torch.cuda.set_per_process_memory_fraction(1.0)
+                torch.cuda.empty_cache()
     if profile_variant and device == "cuda":
         results["profile"] = _profile(run, profile_variant, trainset, out)
     if json_path:
@@ -667,6 +684,13 @@ def main(argv: list[str] | None = None) -> None:
         help="variants whose peak memory is also measured on a 4 × 512-token batch",
     )
     s.add_argument("--steps", type=int, default=10)
+    s.add_argument(
+        "--card-cap-gib",
+        type=float,
+        default=24e9 / GiB - 0.75,
+        help="worst-case runs: cap the allocator at this many GiB (default: a 24 GB card less ~0.75 GiB of "
+        "CUDA context and libraries); 0 = no cap",
+    )
     s.add_argument("--profile-variant", default=None)
     s.add_argument("--json", type=Path, default=None)
     r = sub.add_parser("rounds")
@@ -697,6 +721,7 @@ def main(argv: list[str] | None = None) -> None:
             [v for v in args.worst.split(",") if v],
             args.profile_variant,
             args.json,
+            args.card_cap_gib,
         )
     elif args.cmd == "rounds":
         rounds(
