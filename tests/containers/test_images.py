@@ -13,6 +13,7 @@ TOOLS = [
     "fedtune-supernode",
     "fedtune-certs",
     "fedtune-keys",
+    "fedtune-k8s-keys",
     "fedtune-exporter",
     "fedtune-healthcheck",
     "fedtune-certs-job",
