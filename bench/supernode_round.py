@@ -406,10 +406,11 @@ def child(spec_path: Path) -> None:
     t_main = time.time()
     spec = json.loads(spec_path.read_text())
     marks: dict[str, float] = {"spawn": spec["t_spawn"], "python_up": t_main}
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+    from flwr.app import Array, ArrayRecord
     from flwr.common import serde
 
     from clientapp import client_app
+    from fedtune.messages import train_message
 
     marks["imports_flwr"] = time.time()
     if spec["mode"] == "naive":  # what the in-process round will import anyway, timed on its own
@@ -426,31 +427,15 @@ def child(spec_path: Path) -> None:
 
     with np.load(spec["adapter"]) as data:  # the message as delivered: arrays in the transport dtype
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(data[k])) for k in data.files})
-    metadata = Metadata(
-        run_id=1,
-        message_id="bench",
-        src_node_id=1,
-        dst_node_id=2,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
-    config = ConfigRecord(
+    msg, context = train_message(
+        arrays,
         {
             "server-round": spec["round"],
             "learning-rate": spec["learning_rate"],
             "transport-dtype": spec["transport_dtype"],
-        }
-    )
-    msg = Message(RecordDict({"arrays": arrays, "config": config}), metadata=metadata)
-    context = Context(
-        run_id=1,
-        node_id=2,
-        node_config=spec["node_config"],
-        state=RecordDict(),
-        run_config=spec["run_config"],
+        },
+        spec["node_config"],
+        spec["run_config"],
     )
     marks["message_in"] = time.time()
     reply = client_app.train(msg, context)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from tests.conftest import REPO, tiny_run_config
 
@@ -26,21 +25,14 @@ def global_arrays(model_dir: Path, run_config: dict):
 
 def call_clientapp(run_config, node_config, arrays, server_round=1):
     from clientapp.client_app import train
+    from fedtune.messages import train_message
 
-    metadata = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=1,
-        dst_node_id=2,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
+    msg, context = train_message(
+        arrays,
+        {"server-round": server_round, "learning-rate": 1e-3, "transport-dtype": "float32"},
+        node_config,
+        run_config,
     )
-    config = ConfigRecord({"server-round": server_round, "learning-rate": 1e-3, "transport-dtype": "float32"})
-    msg = Message(RecordDict({"arrays": arrays, "config": config}), metadata=metadata)
-    context = Context(run_id=1, node_id=2, node_config=node_config, state=RecordDict(), run_config=run_config)
     return train(msg, context).content
 
 
