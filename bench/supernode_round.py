@@ -277,9 +277,8 @@ def sweep(
                 flush=True,
             )
         except Exception as err:
-            oom = "out of memory" in str(err).lower()
             entry["worst_case_peak_gib"] = f"{type(err).__name__}: {str(err)[:200]}"
-            entry["fits_card_cap"] = False if capped and oom else None
+            entry["fits_card_cap"] = False if capped and isinstance(err, torch.OutOfMemoryError) else None
             print(f"{name}: worst case failed: {str(err)[:300]}", flush=True)
         finally:
             if capped:

@@ -29,6 +29,11 @@ from fedtune.config import TrainSettings
 # unpadded lengths would keep compiling new variants.
 COMPILE_PAD_MULTIPLE = 64
 
+
+def pad_multiple(settings: TrainSettings) -> int | None:
+    """What rows are padded to a multiple of: only for compiled layers."""
+    return COMPILE_PAD_MULTIPLE if settings.compile_layers else None
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from peft import PeftModel
@@ -113,7 +118,7 @@ def sft_config(
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
-        pad_to_multiple_of=COMPILE_PAD_MULTIPLE if settings.compile_layers and not padding_free else None,
+        pad_to_multiple_of=None if padding_free else pad_multiple(settings),
         **extra,
     )
 
@@ -175,9 +180,8 @@ def _checkpointed_compiled_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
     return compiled(self, *args, **kwargs)
 
 
-def set_layer_compile(model: Any, enabled: bool) -> int:
-    """Compile (or stop compiling) each decoder layer's forward with torch.compile; returns how many layers
-    changed.
+def set_layer_compile(model: Any, enabled: bool) -> None:
+    """Compile (or stop compiling) each decoder layer's forward with torch.compile.
 
     Regional compilation: every layer runs one compiled function (forward and backward), so Dynamo compiles
     it once, not once per layer. Activation checkpointing stays outside the compiled region. Shapes are
@@ -189,16 +193,12 @@ def set_layer_compile(model: Any, enabled: bool) -> int:
     layers = decoder_layers(model)
     if enabled and not layers:
         raise ValueError("train.compile-layers: the model names no decoder layer class in _no_split_modules")
-    changed = 0
     for layer in layers:
         compiled = "forward" in layer.__dict__
         if enabled and not compiled:
             layer.forward = types.MethodType(_checkpointed_compiled_forward, layer)
-            changed += 1
         elif not enabled and compiled:
             del layer.forward  # back to the class's eager forward
-            changed += 1
-    return changed
 
 
 class RealTokenCounter:
@@ -328,7 +328,7 @@ def train_one_round(
                     DataCollatorForLanguageModeling(
                         pad_token_id=tokenizer.pad_token_id,
                         padding_free=True,
-                        pad_to_multiple_of=COMPILE_PAD_MULTIPLE if settings.compile_layers else None,
+                        pad_to_multiple_of=pad_multiple(settings),
                     )
                 )
                 trainer.data_collator = counter

@@ -132,13 +132,9 @@ def test_compiled_layers_give_the_eager_gradients(setup, checkpointing):
 
 
 def test_compile_needs_decoder_layers():
+    import torch
+
     from clientapp.trainer import set_layer_compile
 
     with pytest.raises(ValueError, match="no decoder layer"):
-        set_layer_compile(torch_module(), True)
-
-
-def torch_module():
-    import torch
-
-    return torch.nn.Sequential(torch.nn.Linear(2, 2))
+        set_layer_compile(torch.nn.Sequential(torch.nn.Linear(2, 2)), True)
