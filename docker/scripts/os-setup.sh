@@ -9,6 +9,22 @@ if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     python3 python3-venv ca-certificates >/dev/null
   rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 fi
+# nginx: the SuperLink's Fleet-only TLS proxy (superlink/proxy.py; Debian bookworm's nginx-light, ~1 MB).
+# In this shared stage so every image reuses one cached layer; `fedtune-superlink` runs it as uid 10001.
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+  own_policy=0  # block the package's service start (invoke-rc.d honours policy-rc.d)
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d && own_policy=1
+  fi
+  apt-get update -qq
+  pkg=nginx-light
+  apt-cache show nginx-light >/dev/null 2>&1 || pkg=nginx
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
+  [ "$own_policy" = 0 ] || rm -f /usr/sbin/policy-rc.d
+  rm -f /etc/nginx/sites-enabled/default
+  rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+fi
+/usr/sbin/nginx -v
 python3 - <<'PY'
 import sys
 assert (3, 10) <= sys.version_info[:2] < (3, 13), f"fedtune needs Python 3.10-3.12, base has {sys.version}"
