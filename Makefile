@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast test-slow test-containers test-helm lint tools clean
+.PHONY: venv demo test test-fast test-slow test-containers test-helm lint typecheck tools clean
 
 $(VENV)/.installed: pyproject.toml scripts/install-python.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install-python.sh
@@ -26,6 +26,7 @@ demo: venv
 ## Installs system tools the tests need (docker engine, compose, prometheus, helm, tshark), then all tests.
 test: venv tools
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -v --timeout=1800 --durations=30 tests
 
 tools:
@@ -45,6 +46,10 @@ test-helm: venv tools
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+## The type checker over shipped code ([tool.mypy] in pyproject.toml).
+typecheck: venv
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf .demo outputs .pytest_cache
