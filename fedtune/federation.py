@@ -1,6 +1,10 @@
 """A real federation on one machine: a TLS SuperLink and N SuperNodes as separate processes on
 loopback, started through the same launchers used in production. `make demo` and the end-to-end
-tests use it; nothing is simulated."""
+tests use it; nothing is simulated.
+
+The deployment's exposure shape too: SuperNodes dial `address` (the Fleet-only nginx proxy of
+`fedtune-superlink`), the `flwr` CLI (Control API) and the exporter dial `control_address` (the SuperLink
+itself, 127.0.0.1:`internal_port`)."""
 
 from __future__ import annotations
 
@@ -68,7 +72,8 @@ class ManagedProcess:
 class LocalFederation:
     workdir: Path
     host: str = "127.0.0.1"
-    port: int = field(default_factory=free_port)
+    port: int = field(default_factory=free_port)  # public: the Fleet-only proxy SuperNodes dial
+    internal_port: int = field(default_factory=free_port)  # the SuperLink itself, on 127.0.0.1
     health_port: int = field(default_factory=free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
     superlink: ManagedProcess | None = None
@@ -106,7 +111,13 @@ class LocalFederation:
 
     @property
     def address(self) -> str:
+        """What SuperNodes dial: the proxy (Fleet API and /health only)."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """What the operator's `flwr` and the exporter dial: the SuperLink on loopback (all APIs)."""
+        return f"127.0.0.1:{self.internal_port}"
 
     def env(self, **extra: str) -> dict[str, str]:
         return flwr_env(
@@ -140,6 +151,7 @@ class LocalFederation:
                 "--database", str(self.workdir / "state" / "superlink.db"),
                 "--host", self.host,
                 "--port", str(self.port),
+                "--internal-port", str(self.internal_port),
                 "--health-port", str(self.health_port),
                 "--enable-supernode-auth" if self.supernode_auth else "--no-supernode-auth",
                 *(extra_args or []),
@@ -147,10 +159,11 @@ class LocalFederation:
             self.env(),
         )
         self.wait_healthy(timeout)
-        write_connection(self.flwr_home, CONNECTION, self.address, self.ca_cert)
+        write_connection(self.flwr_home, CONNECTION, self.control_address, self.ca_cert)
 
     def health(self) -> int | None:
-        """HTTP status of the SuperLink's /health over TLS (verified against our CA), or None."""
+        """HTTP status of /health through the proxy over TLS (verified against our CA), or None:
+        200 only when both the proxy and the SuperLink behind it are up."""
         context = ssl.create_default_context(cafile=str(self.ca_cert))
         try:
             with urllib.request.urlopen(

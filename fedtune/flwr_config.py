@@ -29,6 +29,24 @@ def write_connection(
     return _upsert_connection(flwr_home, name, body, make_default)
 
 
+# The operator's connection on the SuperLink host (or `docker compose exec superlink`, `kubectl exec` into
+# the SuperLink pod): the SuperLink itself on loopback. Its public port is the Fleet-only proxy, which
+# answers 403 to the Control API `flwr` speaks (superlink/proxy.py).
+OPERATOR_CONNECTION = "remote-deployment"
+OPERATOR_ADDRESS = "127.0.0.1:9000"
+
+
+def write_operator_connection(
+    flwr_home: str | os.PathLike[str],
+    root_certificates: str | os.PathLike[str],
+    name: str = OPERATOR_CONNECTION,
+    address: str = OPERATOR_ADDRESS,
+    make_default: bool = True,
+) -> Path:
+    """`flwr run . remote-deployment` from the SuperLink host: TLS to 127.0.0.1:9000 (the internal port)."""
+    return write_connection(flwr_home, name, address, root_certificates, make_default)
+
+
 def _upsert_connection(
     flwr_home: str | os.PathLike[str], name: str, body: list[str], make_default: bool
 ) -> Path:

@@ -115,11 +115,13 @@ class NetnsFederation(LocalFederation):
             "superlink",
             ["superlink", "--certs-dir", str(self.certs_dir),
              "--database", str(self.workdir / "state" / "superlink.db"),
-             "--host", "0.0.0.0", "--port", str(self.port), "--health-port", "0",
+             "--host", "0.0.0.0", "--port", str(self.port), "--internal-port", str(self.internal_port),
+             "--health-port", "0",
              "--no-supernode-auth", *(extra_args or [])],
             self.env(),
         )
-        write_connection(self.flwr_home, CONNECTION, self.address, self.ca_cert)
+        # the operator's flwr runs on the SuperLink host (its namespace) against the SuperLink itself
+        write_connection(self.flwr_home, CONNECTION, self.control_address, self.ca_cert)
         self.wait_healthy(timeout)
 
     def health(self) -> int | None:

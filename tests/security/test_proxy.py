@@ -1,0 +1,135 @@
+"""The Fleet-only proxy as `fedtune-superlink` runs it: the rendered config passes `nginx -t`, the public
+port refuses Control/Runtime while the loopback port serves them, and the launcher never leaves one of
+its two processes running alone (either dies -> the other is stopped, exit non-zero)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedtune.certs import generate
+from fedtune.errors import FedTuneError
+from fedtune.federation import LocalFederation
+from superlink import proxy
+
+needs_nginx = pytest.mark.skipif(
+    not (Path("/usr/sbin/nginx").exists() or os.system("command -v nginx >/dev/null 2>&1") == 0),
+    reason="needs nginx (scripts/install-proxy.sh)",
+)
+
+
+def _config(tmp_path: Path, listen_port: int = 8000) -> proxy.ProxyConfig:
+    files = generate(tmp_path / "certs", ["superlink.example.org"])
+    return proxy.ProxyConfig(
+        listen_host="0.0.0.0", listen_port=listen_port, upstream_port=9000,
+        server_cert=files.server_cert, server_key=files.server_key, ca_cert=files.ca_cert,
+        runtime_dir=tmp_path / "run",
+    )
+
+
+def test_config_allows_only_fleet_and_health(tmp_path):
+    text = proxy.render(_config(tmp_path))
+    locations = [line.strip() for line in text.splitlines() if line.strip().startswith("location")]
+    assert locations == ["location /v1/fleet/ {", "location = /health {", "location / {"]
+    assert "return 403;" in text.split("location / {")[1]
+    assert "proxy_ssl_verify on;" in text and "proxy_ssl_name localhost;" in text
+    assert "server 127.0.0.1:9000;" in text and "listen 0.0.0.0:8000 ssl;" in text
+    assert "client_max_body_size 32m;" in text  # 5 MiB array chunks, 10 MB FABs
+
+
+def test_print_config_cli_is_the_same_text(tmp_path):
+    cfg = _config(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "superlink.proxy", "--print-config", "--listen-port", "8000",
+         "--upstream-port", "9000", "--ssl-certfile", str(cfg.server_cert), "--ssl-keyfile", str(cfg.server_key),
+         "--ssl-ca-certfile", str(cfg.ca_cert), "--runtime-dir", str(cfg.runtime_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == proxy.render(cfg)
+    launcher = subprocess.run(
+        [sys.executable, "-m", "superlink", "--certs-dir", str(cfg.ca_cert.parent), "--print-proxy-config",
+         "--proxy-dir", str(cfg.runtime_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert launcher.returncode == 0, launcher.stderr
+    assert launcher.stdout == proxy.render(cfg)
+
+
+@needs_nginx
+def test_nginx_accepts_the_config_and_rejects_a_bad_certificate(tmp_path):
+    cfg = _config(tmp_path)
+    nginx = proxy.find_nginx()
+    proxy.check(nginx, proxy.write(cfg))
+    cfg.server_key.write_text("not a key")
+    with pytest.raises(FedTuneError, match=r"proxy config rejected by nginx: .*server\.key"):
+        proxy.check(nginx, proxy.write(cfg))
+
+
+def _children(pid: int) -> list[int]:
+    out = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in out]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@needs_nginx
+@pytest.mark.parametrize("victim", ["nginx", "superlink.flower_entry"])
+def test_either_process_dying_stops_the_other(tmp_path, victim):
+    fed = LocalFederation(tmp_path / "fed")
+    try:
+        fed.start_superlink()
+        launcher = fed.superlink.process
+        kids = {_cmdline(pid): pid for pid in _children(launcher.pid)}
+        roles = {
+            "nginx": next(pid for cmd, pid in kids.items() if "nginx" in cmd),
+            "superlink.flower_entry": next(pid for cmd, pid in kids.items() if "superlink.flower_entry" in cmd),
+        }
+        target = roles.pop(victim)
+        (other,) = roles.values()
+        os.kill(target, signal.SIGKILL)
+        code = launcher.wait(timeout=60)
+        assert code != 0
+        deadline = time.monotonic() + 10
+        while _alive(other) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(other), f"{_cmdline(other)} still running"
+        assert fed.health() is None
+        assert "exited" in fed.superlink.log_text()
+    finally:
+        fed.stop()
+
+
+@needs_nginx
+def test_public_port_refuses_control_while_loopback_serves_it(tmp_path):
+    fed = LocalFederation(tmp_path / "fed")
+    try:
+        fed.start_superlink()
+        assert fed.flwr("ls", "fedtune-local", "--format", "json").returncode == 0  # 127.0.0.1:internal
+        from fedtune.flwr_config import write_connection
+
+        write_connection(fed.flwr_home, "public", fed.address, fed.ca_cert, make_default=False)
+        done = fed.flwr("ls", "public", "--format", "json")
+        assert done.returncode != 0 or '"success": false' in done.stdout
+        assert "403" in done.stdout + done.stderr, done.stdout + done.stderr
+    finally:
+        fed.stop()
