@@ -11,13 +11,17 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast test-slow test-containers test-helm lint typecheck tools clean
+.PHONY: venv proxy demo test test-fast test-slow test-containers test-helm lint typecheck tools clean
 
 $(VENV)/.installed: pyproject.toml scripts/install-python.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install-python.sh
 	touch $@
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed proxy
+
+## nginx for the SuperLink's Fleet-only TLS proxy (fedtune-superlink runs it; no-op when installed).
+proxy:
+	bash scripts/install-proxy.sh
 
 ## Runs the main job on the embedded offline default: TLS SuperLink + 2 SuperNodes on loopback.
 demo: venv
