@@ -15,8 +15,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "fedtune"
 SCENARIOS_DIR = CHART / "ci"
+CONTROL_SCRIPT = CHART / "files" / "control.py"
 # The documented scenarios (issue 5); every file in ci/ is rendered, these must be among them.
-REQUIRED_SCENARIOS = {"default", "gpu", "existing-tls", "cert-manager", "supernodes-only", "auth"}
+REQUIRED_SCENARIOS = {"default", "gpu", "existing-tls", "cert-manager", "supernodes-only", "auth", "small-cpu"}
 KUBERNETES_VERSIONS = ("1.27.0", "1.31.0", "1.37.0")
 RELEASE = "fedtune"
 NAMESPACE = "federation"

@@ -16,6 +16,7 @@ import tomllib
 import yaml
 from helm_chart import (
     CHART,
+    CONTROL_SCRIPT,
     REPO,
     container,
     env_of,
@@ -140,7 +141,8 @@ def test_chart_generated_certificate_passes_the_launcher_checks(tmp_path):
         f"{service}.federation.svc",
         f"{service}.federation.svc.cluster.local",
         "superlink.fedtune.example.org",
-        "localhost",
+        "localhost",  # the Fleet proxy verifies the SuperLink behind it under this name
+        "127.0.0.1",  # every in-pod client (SuperExec, exporter, control container) dials this address
     } <= names
 
 
@@ -174,28 +176,56 @@ def test_supernodes_verify_the_superlink_with_the_mounted_ca(scenario, monkeypat
         assert address == values["supernodes"]["superlinkAddress"]
 
 
-@pytest.mark.parametrize("scenario", scenario_names())
-def test_flwr_clients_trust_the_ca_and_dial_a_certified_name(scenario):
+def _control(rendered):
+    _, spec, _ = _superlink(rendered)
+    return spec, container(spec, "control")
+
+
+@pytest.mark.parametrize("scenario", _scenarios_with("superlink"))
+def test_control_container_dials_the_loopback_api_with_the_ca(scenario, tmp_path, monkeypatch):
+    """Key registration and run submission happen inside the SuperLink pod, over 127.0.0.1:<internal>."""
     rendered = render_scenario(scenario)
-    for job in rendered.of_kind("Job"):
-        component = job["metadata"]["labels"]["app.kubernetes.io/component"]
-        assert component in {"run", "register", "supernode-keys"}, job["metadata"]["name"]
-        if component == "supernode-keys":  # talks to the Kubernetes API only (tested below)
-            continue
-        spec = job["spec"]["template"]["spec"]
-        item = spec["containers"][0]
-        config_volume = mount_of(spec, item, "/etc/fedtune/flwr")
-        config_map = rendered.get("ConfigMap", config_volume["configMap"]["name"])
-        config = tomllib.loads(config_map["data"]["config.toml"])
-        connection = config["superlink"][config["superlink"]["default"]]
-        assert config["superlink"]["default"] == "remote-deployment"
-        assert connection["root-certificates"] == f"{CERTS}/ca.crt"
-        assert mount_of(spec, item, CERTS)["secret"]["items"] == [
-            {"key": "ca.crt", "path": "ca.crt"}
-        ]
-        assert connection["address"].endswith(":8000")
-        assert env_of(item)["FLWR_HOME"]["value"].startswith("/tmp")  # writable (read-only root fs)
-        assert mount_of(spec, item, "/tmp")["emptyDir"] == {}
+    # No Job talks to the Control API any more: through the Service it would meet the proxy's 403.
+    assert [j["metadata"]["labels"]["app.kubernetes.io/component"] for j in rendered.of_kind("Job")] in (
+        [], ["supernode-keys"]
+    )
+    _, _, superlink = _superlink(rendered)
+    spec, item = _control(rendered)
+    env = env_of(item)
+    internal = env_of(superlink)["FEDTUNE_INTERNAL_PORT"]["value"]
+    assert env["FEDTUNE_CONTROL_ADDRESS"]["value"] == f"127.0.0.1:{internal}"
+    assert item["image"] == superlink["image"]
+    assert mount_of(spec, item, CERTS)["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert env["FEDTUNE_ROOT_CERTIFICATES"]["value"] == f"{CERTS}/ca.crt"
+    assert env["FLWR_HOME"]["value"].startswith("/tmp")  # writable (read-only root fs)
+    assert mount_of(spec, item, "/tmp")["emptyDir"] == {}
+    # its records live on the SuperLink's state volume, next to the database
+    assert mount_of(spec, item, "/state") == mount_of(spec, superlink, "/state")
+    assert env["FEDTUNE_CONTROL_STATE"]["value"].startswith("/state/")
+    # the script it runs is the chart's files/control.py, from the control ConfigMap
+    config_map = rendered.get("ConfigMap", mount_of(spec, item, "/etc/fedtune/control")["configMap"]["name"])
+    assert item["command"] == ["python3", "/etc/fedtune/control/control.py"]
+    assert config_map["data"]["control.py"].strip() == CONTROL_SCRIPT.read_text().strip()
+    # the connection it writes is the one `kubectl exec -c control -- flwr ...` users get
+    control = _load_control(monkeypatch, **{k: v["value"] for k, v in env.items() if "value" in v})
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    control.write_connection()
+    config = tomllib.loads((tmp_path / "config.toml").read_text())
+    assert config["superlink"]["default"] == control.CONNECTION == "remote-deployment"
+    assert config["superlink"]["remote-deployment"] == {
+        "address": f"127.0.0.1:{internal}", "root-certificates": f"{CERTS}/ca.crt"
+    }
+
+
+def _load_control(monkeypatch, **env):
+    import importlib.util
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("fedtune_chart_control", CONTROL_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ------------------------------------------------------------------ partitions
@@ -369,11 +399,14 @@ def test_no_plaintext_secret_in_values(values_file):
 @pytest.mark.parametrize("scenario", scenario_names())
 def test_secrets_reach_pods_only_by_reference(scenario):
     rendered = render_scenario(scenario)
-    # The only Secret the chart writes is the generated TLS one (made in-cluster, never in values).
+    # The only Secrets the chart writes are the generated TLS ones (made in-cluster, never in values);
+    # the CA's key, kept to re-sign the server certificate, is mounted by no pod.
     assert [s["metadata"]["name"] for s in rendered.of_kind("Secret")] in (
         [],
-        ["fedtune-superlink-tls"],
+        ["fedtune-superlink-tls-ca", "fedtune-superlink-tls"],
     )
+    for _, spec in rendered.pod_specs():
+        assert "fedtune-superlink-tls-ca" not in json.dumps(spec.get("volumes", []))
     for owner, spec in rendered.pod_specs():
         for item in spec["containers"]:
             for name, var in env_of(item).items():
@@ -415,12 +448,6 @@ def _mint_job(rendered):
     return job, spec, item, k8s_keys.build_parser().parse_args(item["args"])
 
 
-def _register_job(rendered):
-    job = rendered.get("Job", "fedtune-register-supernodes")
-    spec = job["spec"]["template"]["spec"]
-    return job, spec, spec["containers"][0]
-
-
 def _use_container_env(monkeypatch, item, **replace):
     """The container's literal env in this process, paths remapped (mount point -> local folder)."""
     for name, var in env_of(item).items():
@@ -443,6 +470,45 @@ def _superlink_command(rendered, tmp_path, monkeypatch) -> list[str]:
     return superlink_launch.build_command(superlink_launch.build_parser().parse_args(argv))
 
 
+def _own_key_secret(spec, node) -> str:
+    """The SuperNode container mounts only a memory emptyDir that the own-key init container fills
+    with this pod's key; the Secret of every node's key is mounted in that init container alone."""
+    assert mount_of(spec, node, "/auth")["emptyDir"]["medium"] == "Memory"
+    mounted = {m["name"] for m in node["volumeMounts"]}
+    init = container({"containers": spec["initContainers"]}, "own-key")
+    secret_volume = mount_of(spec, init, "/all-keys")
+    assert secret_volume["name"] not in mounted
+    assert mount_of(spec, init, "/auth") == mount_of(spec, node, "/auth")
+    script = init["args"][0]
+    assert 'cp "/all-keys/$POD_NAME" "/auth/$POD_NAME"' in script and "chmod 0400" in script
+    return secret_volume["secret"]["secretName"]
+
+
+def test_own_key_init_container_copies_only_its_pods_key(tmp_path):
+    """Run the rendered init script (sh) on a folder laid out like the mounted Secret."""
+    import subprocess
+
+    rendered = render_scenario("default")
+    _, spec, _ = _supernodes(rendered)
+    init = container({"containers": spec["initContainers"]}, "own-key")
+    script = init["args"][0].replace("/all-keys/", f"{tmp_path}/all/").replace("/auth/", f"{tmp_path}/auth/")
+    (tmp_path / "all").mkdir()
+    (tmp_path / "auth").mkdir()
+    for pod in _pods(rendered):
+        (tmp_path / "all" / pod).write_text(f"private key of {pod}\n")
+        (tmp_path / "all" / f"{pod}.pub").write_text(f"public key of {pod}\n")
+    pod = _pods(rendered)[1]
+    done = subprocess.run(["sh", "-c", script], env={"POD_NAME": pod, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in (tmp_path / "auth").iterdir()] == [pod]
+    assert (tmp_path / "auth" / pod).stat().st_mode & 0o777 == 0o400
+    # a pod whose key is missing fails with one line naming the Secret, and copies nothing
+    done = subprocess.run(["sh", "-c", script], env={"POD_NAME": "fedtune-supernode-7", "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 1 and "has no key named fedtune-supernode-7" in done.stderr
+
+
 def test_default_install_turns_auth_on_with_keys_minted_in_the_cluster(tmp_path, monkeypatch):
     rendered = render_scenario("default")
     assert load_scenario_values("default")["supernodeAuth"]["enabled"] is True
@@ -451,10 +517,9 @@ def test_default_install_turns_auth_on_with_keys_minted_in_the_cluster(tmp_path,
     assert env_of(superlink)["FEDTUNE_SUPERNODE_AUTH"]["value"] == "1"
     assert "--enable-supernode-auth" in _superlink_command(rendered, tmp_path, monkeypatch)
     statefulset, spec, node = _supernodes(rendered)
-    # kubelet expands $(POD_NAME): each pod reads the key named after it from the minted Secret
+    # kubelet expands $(POD_NAME): each pod reads the key named after it, which only it holds
     assert env_of(node)["FEDTUNE_AUTH_KEY"]["value"] == "/auth/$(POD_NAME)"
-    volume = mount_of(spec, node, "/auth")
-    assert volume["secret"]["secretName"] == MINTED_SECRET
+    assert _own_key_secret(spec, node) == MINTED_SECRET
     # the mint Job, fed through its own parser, makes keys for exactly these pods in exactly that Secret
     _, _, _, args = _mint_job(rendered)
     assert args.secret == MINTED_SECRET and args.namespace == "federation"
@@ -472,8 +537,6 @@ def test_mint_hooks_run_before_the_supernodes_with_least_privilege():
         assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"].split(","), kind
         weights[kind] = int(annotations["helm.sh/hook-weight"])
     assert max(weights[k] for k in ("ServiceAccount", "Role", "RoleBinding")) < weights["Job"]
-    register, _, _ = _register_job(rendered)
-    assert register["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     # Role: get/patch on the one Secret by name; create cannot be limited by name in RBAC, so it is apart.
     role = rendered.get("Role", MINT)
     assert role["rules"] == [
@@ -503,22 +566,25 @@ def test_mint_hooks_run_before_the_supernodes_with_least_privilege():
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 
 
-def test_register_job_reads_only_the_minted_public_keys():
+def test_control_container_reads_only_the_minted_public_keys():
     for sets in ((), ("supernodes.replicaCount=3", "supernodes.numPartitions=3")):
         rendered = render(*sets)
         pods = _pods(rendered)
         _, _, _, args = _mint_job(rendered)
         assert k8s_keys.pod_names(args.statefulset, args.replicas) == pods
-        _, spec, item = _register_job(rendered)
-        volume = mount_of(spec, item, "/minted-keys")
+        spec, item = _control(rendered)
+        volume = mount_of(spec, item, "/keys/minted")
         assert volume["secret"]["secretName"] == args.secret
         # never a private key: only `<pod>.pub`, as file `<pod>` (the name it is registered under)
         assert volume["secret"]["items"] == [{"key": f"{pod}.pub", "path": pod} for pod in pods]
-        assert "for key in /keys/* /minted-keys/*" in item["args"][0]
-        assert "flwr supernode register" in item["args"][0]
+        assert env_of(item)["FEDTUNE_KEY_DIRS"]["value"].split(":") == ["/keys/minted", "/keys/values"]
+        # and no container of the SuperLink pod mounts the Secret any other way
+        for volume in spec["volumes"]:
+            if volume.get("secret", {}).get("secretName") == args.secret:
+                assert all(i["key"].endswith(".pub") for i in volume["secret"]["items"]), volume
 
 
-def test_minted_secret_feeds_the_supernode_launcher_and_the_register_job(tmp_path, monkeypatch, capsys):
+def test_minted_secret_feeds_the_supernode_launcher_and_the_control_container(tmp_path, monkeypatch, capsys):
     """The mint Job's rendered args against a fake API server, its Secret mounted as the pods see it."""
     rendered = render_scenario("default")
     _, _, item, _ = _mint_job(rendered)
@@ -542,7 +608,7 @@ def test_minted_secret_feeds_the_supernode_launcher_and_the_register_job(tmp_pat
         _use_container_env(monkeypatch, node, **{"$(POD_NAME)": pod, "/auth/": f"{auth}/", f"{CERTS}/": f"{certs}/"})
         cmd = supernode_launch.build_command(supernode_launch.build_parser().parse_args([]))
         assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(auth / pod)
-    _, spec, _ = _register_job(rendered)
+    spec, _ = _control(rendered)
     for entry in next(v for v in spec["volumes"] if v["name"] == "minted-keys")["secret"]["items"]:
         public = parse_public_key(data[entry["key"]], entry["key"])
         private = parse_private_key(data[entry["path"]], entry["path"])
@@ -558,10 +624,12 @@ def test_auth_off_renders_no_supernode_auth(tmp_path, monkeypatch):
     assert "--enable-supernode-auth" not in _superlink_command(rendered, tmp_path, monkeypatch)
     _, spec, node = _supernodes(rendered)
     assert "FEDTUNE_AUTH_KEY" not in env_of(node)
-    assert "auth" not in {v["name"] for v in spec["volumes"]}
+    assert not {"auth", "all-keys"} & {v["name"] for v in spec["volumes"]}
+    assert "initContainers" not in spec
     for kind in ("Job", "ServiceAccount", "Role", "RoleBinding"):
         assert rendered.maybe(kind, MINT) is None, kind
-    assert rendered.maybe("Job", "fedtune-register-supernodes") is None
+    superlink_spec, _ = _control(rendered)
+    assert not {"minted-keys", "values-keys"} & {v["name"] for v in superlink_spec["volumes"]}
 
 
 def test_existing_secret_skips_minting_and_registers_the_given_public_keys(tmp_path, monkeypatch):
@@ -571,24 +639,24 @@ def test_existing_secret_skips_minting_and_registers_the_given_public_keys(tmp_p
         assert rendered.maybe(kind, MINT) is None, kind
     _, spec, node = _supernodes(rendered)
     assert env_of(node)["FEDTUNE_AUTH_KEY"]["value"] == "/auth/$(POD_NAME)"
-    assert mount_of(spec, node, "/auth")["secret"]["secretName"] == "fedtune-supernode-keys"
+    assert _own_key_secret(spec, node) == "fedtune-supernode-keys"
     # Pod names are the Secret keys the docs ask for, and the names of the registered public keys.
     pods = set(_pods(rendered))
     assert set(load_scenario_values("auth")["supernodeAuth"]["publicKeys"]) == pods
-    _, job_spec, register = _register_job(rendered)
-    keys_volume = mount_of(job_spec, register, "/keys")
+    control_spec, control = _control(rendered)
+    keys_volume = mount_of(control_spec, control, "/keys/values")
     keys = rendered.get("ConfigMap", keys_volume["configMap"]["name"])["data"]
     assert set(keys) == pods and all(k.startswith("ecdsa-sha2-nistp384 ") for k in keys.values())
-    assert "minted-keys" not in {v["name"] for v in job_spec["volumes"]}
+    assert "minted-keys" not in {v["name"] for v in control_spec["volumes"]}
 
 
 def test_public_keys_of_other_clusters_are_registered_next_to_the_minted_ones():
     key = load_scenario_values("auth")["supernodeAuth"]["publicKeys"]["fedtune-supernode-0"]
     rendered = render(f"supernodeAuth.publicKeys.site-b-supernode-0={key}")
-    _, spec, item = _register_job(rendered)
-    config_map = rendered.get("ConfigMap", mount_of(spec, item, "/keys")["configMap"]["name"])
+    spec, item = _control(rendered)
+    config_map = rendered.get("ConfigMap", mount_of(spec, item, "/keys/values")["configMap"]["name"])
     assert config_map["data"] == {"site-b-supernode-0": key}
-    assert mount_of(spec, item, "/minted-keys")["secret"]["secretName"] == MINTED_SECRET
+    assert mount_of(spec, item, "/keys/minted")["secret"]["secretName"] == MINTED_SECRET
     assert rendered.maybe("Job", MINT) is not None
 
 
@@ -597,9 +665,9 @@ def test_supernodes_only_site_mints_keys_but_leaves_registration_to_the_superlin
     _, _, _, args = _mint_job(rendered)
     assert k8s_keys.pod_names(args.statefulset, args.replicas) == _pods(rendered)
     _, spec, node = _supernodes(rendered)
-    assert mount_of(spec, node, "/auth")["secret"]["secretName"] == args.secret
-    assert rendered.maybe("Job", "fedtune-register-supernodes") is None
-    assert rendered.of_kind("ConfigMap") == []  # no flwr connection: nothing here talks to the Control API
+    assert _own_key_secret(spec, node) == args.secret
+    assert rendered.of_kind("Deployment") == []
+    assert rendered.of_kind("ConfigMap") == []  # no control loop: nothing here talks to the Control API
 
 
 def test_docs_explain_in_cluster_keys_and_the_control_api_limit():
@@ -619,6 +687,9 @@ def test_superlink_probes_use_the_https_api_and_the_grpc_health_port():
     ports = {p["name"]: p["containerPort"] for p in item["ports"]}
     env = env_of(item)
     assert ports["https"] == int(env["FEDTUNE_PORT"]["value"]) == 8000
+    # Flower's own port is bound to the pod's loopback: no container port, Service or probe names it
+    assert int(env["FEDTUNE_INTERNAL_PORT"]["value"]) == 9000
+    assert 9000 not in ports.values()
     assert ports["health"] == int(env["FEDTUNE_HEALTH_PORT"]["value"]) == 9095
     assert ports["metrics"] == int(env["FEDTUNE_METRICS_PORT"]["value"]) == 9400
     assert item["readinessProbe"]["httpGet"] == {
@@ -651,42 +722,100 @@ def test_external_access_for_other_clusters():
     assert ingress["spec"]["rules"][0]["host"] == "superlink.fedtune.example.org"
 
 
-def test_run_job_submits_the_app_with_the_profile():
+def test_control_container_submits_the_configured_run_once_per_configuration(monkeypatch, tmp_path):
     rendered = render_scenario("default")
-    job = rendered.get("Job", "fedtune-run-r1")
-    assert "helm.sh/hook" not in job["metadata"].get(
-        "annotations", {}
-    )  # a long run must not block helm
-    item = job["spec"]["template"]["spec"]["containers"][0]
-    assert item["image"].startswith("fedtune/superlink:")
-    assert item["args"][2:] == [
-        "/app",
-        "remote-deployment",
-        "--stream",
-        "--run-config",
-        "/app/profiles/demo.toml",
-    ]
-    assert 'exec flwr run "$@"' in item["args"][0]
-    gpu_job = render_scenario("gpu").get("Job", "fedtune-run-r1")
-    assert gpu_job["spec"]["template"]["spec"]["containers"][0]["args"][2:] == [
-        "/app",
-        "remote-deployment",
-    ]
+    assert not [j for j in rendered.of_kind("Job") if "run" in j["metadata"]["name"]]
+    spec, item = _control(rendered)
+    config_map = rendered.get("ConfigMap", mount_of(spec, item, "/etc/fedtune/control")["configMap"]["name"])
+    request = json.loads(config_map["data"]["run.json"])
+    assert request == {"enabled": True, "app": "/app", "profile": "profiles/demo.toml", "runConfig": "", "tag": ""}
+    gpu = json.loads(render_scenario("gpu").get("ConfigMap", "fedtune-control")["data"]["run.json"])
+    assert gpu["profile"] == "" and gpu["enabled"] is True
+    # A new request (helm upgrade) reaches the running pod through the mounted ConfigMap: the pod template
+    # does not change with it, so the SuperLink is not restarted.
+    again = render("run.runConfig=num-server-rounds=1", "run.tag=2")
+    assert again.get("Deployment", "fedtune-superlink")["spec"] == rendered.get("Deployment", "fedtune-superlink")["spec"]
+    control = _load_control(monkeypatch)
+    new = json.loads(again.get("ConfigMap", "fedtune-control")["data"]["run.json"])
+    assert control.request_key(new) != control.request_key(request)
+    assert control.request_key(dict(request)) == control.request_key(request)
+    # the profile and the overrides become one run-config file (flwr takes one or the other, not both)
+    request.update(app=str(REPO), runConfig="num-server-rounds=1 train.max-steps=2")
+    merged = tomllib.loads(control.run_config_file(request, "k").read_text())
+    demo = tomllib.loads((REPO / "profiles" / "demo.toml").read_text())
+    assert merged["num-server-rounds"] == 1 and merged["train.max-steps"] == 2
+    assert merged["model.name"] == demo["model"]["name"]
+    assert not render("run.enabled=false").get("ConfigMap", "fedtune-control")["data"]["run.json"].count('"enabled": true')
 
 
-def test_helm_test_curls_health_with_the_ca():
+def test_helm_test_proves_the_exposure_shape_from_another_pod():
     rendered = render_scenario("default")
-    pod = rendered.get("Pod", "fedtune-test-health")
-    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    pod = rendered.get("Pod", "fedtune-test-exposure")
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "test"
+    # kept until the next `helm test`, so `helm test --logs` can show it
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
     item = pod["spec"]["containers"][0]
-    command = item["command"] + item["args"]
-    assert command[0] == "curl" and "--insecure" not in command and "-k" not in command
-    assert command[command.index("--cacert") + 1] == f"{CERTS}/ca.crt"
+    script = item["args"][0]
+    compile(script, "helm-test", "exec")
+    assert "CERT_NONE" not in script and "check_hostname" not in script
+    assert f'cafile="{CERTS}/ca.crt"' in script
+    for path in ("/health", "/v1/runtime/acquire-task", "/v1/control/start-run"):
+        assert path in script
+    env = env_of(item)
+    assert env["SUPERLINK"]["value"] == "fedtune-superlink:8000" and env["INTERNAL_PORT"]["value"] == "9000"
     assert mount_of(pod["spec"], item, CERTS)["secret"]["secretName"] == "fedtune-superlink-tls"
-    url = command[-1]
-    assert url == "https://fedtune-superlink:8000/health"
+    assert item["image"] == _superlink(rendered)[2]["image"]  # no image the cluster may not have
+    assert pod["spec"]["terminationGracePeriodSeconds"] <= 5
+
+
+def test_superlink_service_and_network_policy_expose_only_the_proxy():
+    rendered = render_scenario("default")
     service = rendered.get("Service", "fedtune-superlink")
-    assert service["spec"]["ports"][0]["port"] == 8000
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["https"]
+    policy = rendered.get("NetworkPolicy", "fedtune-superlink")
+    _, _, superlink = _superlink(rendered)
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= (
+        rendered.get("Deployment", "fedtune-superlink")["spec"]["template"]["metadata"]["labels"].items()
+    )
+    allowed = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+    assert allowed == {"https", "metrics", "health"}
+    names = {p["name"] for p in superlink["ports"]}
+    assert allowed <= names and "Ingress" in policy["spec"]["policyTypes"]
+    nodes = rendered.get("NetworkPolicy", "fedtune-supernode")
+    assert nodes["spec"]["ingress"] == [] and nodes["spec"]["policyTypes"] == ["Ingress"]
+    restricted = render("networkPolicy.restrictEgress=true").get("NetworkPolicy", "fedtune-superlink")
+    assert restricted["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert render("networkPolicy.enabled=false").of_kind("NetworkPolicy") == []
+
+
+def _cpu_millis(value) -> int:
+    text = str(value)
+    return int(text[:-1]) if text.endswith("m") else int(float(text) * 1000)
+
+
+def _requests(rendered) -> int:
+    """CPU requested by the long-running pods (the SuperLink pod and every SuperNode)."""
+    total = 0
+    for obj in rendered.of_kind("Deployment") + rendered.of_kind("StatefulSet"):
+        replicas = obj["spec"].get("replicas", 1)
+        spec = obj["spec"]["template"]["spec"]
+        total += replicas * sum(_cpu_millis(c["resources"]["requests"]["cpu"]) for c in spec["containers"])
+    return total
+
+
+def test_small_cpu_profile_fits_a_two_cpu_node_with_room_to_spare():
+    small = render_scenario("small-cpu")
+    assert _requests(small) <= 1000  # the node also runs the control plane and other workloads
+    for _, spec in small.pod_specs():
+        for item in spec["containers"] + spec.get("initContainers", []):
+            assert "cpu" not in item["resources"].get("limits", {}), item["name"]  # training bursts
+    assert json.loads(small.get("ConfigMap", "fedtune-control")["data"]["run.json"])["profile"] == "profiles/demo.toml"
+    readme = (CHART / "README.md").read_text()
+    assert "Try it on a laptop-size cluster" in readme and "ci/small-cpu-values.yaml" in readme
+    # the defaults' requests are what the README's resource table says they are
+    default_total = _requests(render_scenario("default"))
+    assert f"{default_total / 1000:g} CPU" in readme
 
 
 def test_grafana_dashboard_config_map():

@@ -120,7 +120,8 @@ imagePullSecrets:
 {{- end -}}
 
 {{/* Every DNS name the SuperLink is reached at: Service names, external hostname, extras, and
-localhost for `kubectl port-forward` (the CA is the federation's own, so this names nothing public). */}}
+localhost: the Fleet proxy verifies the SuperLink behind it under that name, and `kubectl port-forward`
+users dial it (the CA is the federation's own, so this names nothing public). */}}
 {{- define "fedtune.tls.dnsNames" -}}
 {{- $svc := include "fedtune.superlink.fullname" . -}}
 {{- $ns := include "fedtune.namespace" . -}}
@@ -130,14 +131,26 @@ localhost for `kubectl port-forward` (the CA is the federation's own, so this na
 {{- toJson $names -}}
 {{- end -}}
 
-{{/* In-cluster address of this release's SuperLink (a name in the certificate). */}}
+{{/* IP addresses in the certificate: 127.0.0.1 always, because every in-pod client of the SuperLink
+(its SuperExec and ServerApp, the exporter, the control container, `kubectl exec` users) dials
+127.0.0.1:<internal port> and verifies the certificate against that address. */}}
+{{- define "fedtune.tls.ipAddresses" -}}
+{{- concat (list "127.0.0.1") .Values.tls.extraIpAddresses | uniq | toJson -}}
+{{- end -}}
+
+{{/* In-cluster address of this release's SuperLink: the Fleet proxy (a name in the certificate). */}}
 {{- define "fedtune.superlink.internalAddress" -}}
 {{- printf "%s.%s.svc:%d" (include "fedtune.superlink.fullname" .) (include "fedtune.namespace" .) (int .Values.superlink.service.port) -}}
 {{- end -}}
 
-{{/* Address SuperNodes, the run Job and the register Job dial. */}}
+{{/* Address SuperNodes dial (Fleet API only: the proxy answers 403 to everything else). */}}
 {{- define "fedtune.superlink.address" -}}
 {{- default (include "fedtune.superlink.internalAddress" .) .Values.supernodes.superlinkAddress -}}
+{{- end -}}
+
+{{/* Flower's SuperLink itself (Fleet + Control + Runtime APIs): loopback of the SuperLink pod only. */}}
+{{- define "fedtune.superlink.loopbackAddress" -}}
+{{- printf "127.0.0.1:%d" (int .Values.superlink.containerPorts.internal) -}}
 {{- end -}}
 
 {{/* Mount point of TLS material, and where each launcher reads it from. */}}
@@ -181,31 +194,9 @@ securityContext:
         path: ca.crt
 {{- end -}}
 
-{{/* The `flwr` CLI connection, copied into a writable FLWR_HOME before use. */}}
-{{- define "fedtune.flwrConfigName" -}}
-{{- printf "%s-flwr-config" (include "fedtune.fullname" .) -}}
-{{- end -}}
-
-{{/* Shell lines that wait for the SuperLink's /health over TLS, then prepare FLWR_HOME. */}}
-{{- define "fedtune.flwrPrelude" -}}
-set -eu
-mkdir -p "$FLWR_HOME"
-cp /etc/fedtune/flwr/config.toml "$FLWR_HOME/config.toml"
-python3 - <<'PY'
-import ssl, time, urllib.request
-url = "https://{{ include "fedtune.superlink.address" . }}/health"
-context = ssl.create_default_context(cafile="{{ include "fedtune.certsDir" . }}/ca.crt")
-for attempt in range(120):
-    try:
-        with urllib.request.urlopen(url, context=context, timeout=5) as response:
-            if response.status == 200:
-                break
-    except OSError as error:
-        print(f"waiting for {url}: {error}", flush=True)
-    time.sleep(5)
-else:
-    raise SystemExit(f"SuperLink not healthy at {url} after 10 minutes")
-PY
+{{/* The control container's files: its script and the run request (one ConfigMap). */}}
+{{- define "fedtune.controlConfigName" -}}
+{{- printf "%s-control" (include "fedtune.fullname" .) -}}
 {{- end -}}
 
 {{/* ---------------------------------------------------------------- SuperNode auth */}}
