@@ -6,33 +6,46 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedtune.exporter import Exporter, State, Traffic, results_notifier, run_status
 from fedtune.federation import free_port
+from fedtune.metrics.notify import results_notifier
+from fedtune.metrics.service import Exporter
+from fedtune.metrics.state import State, Traffic, run_status
+from fedtune.results import RunResults
 
 MB = 1024 * 1024
 
 
 def round_record(n: int, nodes: dict[str, int], failed=(), rejected=None, budget_before: int = 0) -> dict:
+    """A round as the ServerApp writes it (fedtune.results.RoundRecord.to_json shape)."""
     per_node = {
         node: {
-            "down-bytes": size, "up-bytes": size, "train-loss": 2.0 / n, "num-examples": 100,
-            "train-seconds": 3.0, "tokens-per-second": 50.0, "peak-memory-bytes": 1 << 30,
+            "node_id": int(node), "down_bytes": size, "up_bytes": size, "down_sent_bytes": size // 2,
+            "up_sent_bytes": size // 2, "train_loss": 2.0 / n, "num_examples": 100, "train_seconds": 3.0,
+            "tokens_per_second": 50.0, "peak_memory_bytes": 1 << 30,
+            "stage_seconds": {"train": 3.0, "adapter_in": 0.25, "bogus-stage": 1.0},
+            "timeline": {"server_sent": 1000.0 * n, "server_received": 1000.0 * n + 7.5},
         }
         for node, size in nodes.items()
     }
+    rejected = rejected or {}
     total = sum(2 * s for s in nodes.values())
+    start = 1000.0 * n
     return {
-        "round": n, "sampled": [int(k) for k in nodes] + [int(f) for f in failed],
+        "round": n, "learning_rate": 1e-4, "sampled": [int(k) for k in nodes] + [int(f) for f in failed],
         "replied": sorted(int(k) for k in nodes), "failed": [int(f) for f in failed],
-        "rejected": rejected or {}, "train_loss": 2.0 / n, "nodes": per_node,
+        "rejected": rejected, "rejections": dict(Counter(rejected.values())), "aggregated": True,
+        "train_loss": 2.0 / n, "nodes": per_node,
         "bytes_down": total // 2, "bytes_up": total // 2, "bytes_total": total,
         "budget_bytes": budget_before + total, "budget_mb": (budget_before + total) / MB,
         "duration_seconds": 10.0 * n, "checkpoint_seconds": 0.5,
+        "timeline": {"started": start, "sent": start + 1, "all_replies": start + 9, "aggregated": start + 9.5,
+                     "checkpoint_written": start + 10.0},
     }
 
 
@@ -44,6 +57,7 @@ def write_results(root: Path, run_id: int, rounds: list[dict], status="running",
         "config": {"num_server_rounds": 3, "model": {"name": "m"}, "dataset": {"name": "d"}},
         "rounds": rounds, "budget_bytes": rounds[-1]["budget_bytes"] if rounds else 0,
         "budget_mb": (rounds[-1]["budget_bytes"] if rounds else 0) / MB,
+        "sent_bytes": (rounds[-1]["budget_bytes"] if rounds else 0) // 2,
         "budget_limit_mb": 200000.0, **extra,
     }
     tmp = path.with_suffix(".tmp")
@@ -126,7 +140,7 @@ def test_resumed_run_does_not_count_carried_rounds_twice(tmp_path, exporter):
 
 
 def test_status_reconciled_with_the_superlink():
-    view = type("V", (), {"payload": {"status": "running"}})()
+    view = type("V", (), {"results": RunResults(run_id=1, status="running")})()
     assert run_status(view, Traffic("finished:failed", 0, 0)) == "failed"  # ServerApp killed
     assert run_status(view, Traffic("running", 0, 0)) == "running"
     assert run_status(None, Traffic("pending", 0, 0)) == "pending"
@@ -198,4 +212,38 @@ def test_only_latest_runs_exported(tmp_path):
     state = State([tmp_path], max_runs=2)
     state.refresh()
     views, _ = state.snapshot()
-    assert {v.run_id for v in views} == {"4", "3", "99"}
+    assert set(views) == {"4", "3", "99"}
+
+
+def test_sent_bytes_phases_and_stages(tmp_path, exporter):
+    r1 = round_record(1, {"11": 1000})
+    r2 = round_record(2, {"11": 1000}, budget_before=2000)
+    write_results(tmp_path, 4, [r1, r2])
+    exporter.state.refresh()
+    s = scrape(exporter.port)
+    sent = {"run_id": 4, "node": 11, "kind": "sent"}
+    assert get(s, "fedtune_communication_bytes_total", direction="down", **sent) == 1000  # 2 rounds × 500
+    assert get(s, "fedtune_communication_bytes_total", direction="up", **sent) == 1000
+    assert get(s, "fedtune_communication_sent_bytes", run_id=4) == 4000 // 2
+    assert get(s, "fedtune_round_phase_seconds", run_id=4, phase="send") == 1
+    assert get(s, "fedtune_round_phase_seconds", run_id=4, phase="replies") == 8
+    assert get(s, "fedtune_round_phase_seconds", run_id=4, phase="aggregate") == 0.5
+    assert get(s, "fedtune_round_phase_seconds", run_id=4, phase="checkpoint") == 0.5
+    assert get(s, "fedtune_round_phases_seconds_total", run_id=4, phase="replies") == 16
+    assert get(s, "fedtune_node_stage_seconds", run_id=4, node=11, stage="train") == 3
+    assert get(s, "fedtune_node_stage_seconds", run_id=4, node=11, stage="adapter_in") == 0.25
+    assert not [k for k in s if k[0] == "fedtune_node_stage_seconds" and ("stage", "bogus-stage") in k[1]]
+    assert get(s, "fedtune_node_round_trip_seconds", run_id=4, node=11) == 7.5
+    assert get(s, "fedtune_run_info", run_id=4, model="m", dataset="d", transport="packed") == 1
+
+
+def test_older_kebab_case_files_still_export(tmp_path, exporter):
+    record = round_record(1, {"11": 1000})
+    record["nodes"]["11"] = {"down-bytes": 1000, "up-bytes": 1000, "train-loss": 1.5}
+    del record["rejections"]
+    record["rejected"] = {"22": "non-finite: train-loss"}
+    write_results(tmp_path, 5, [record])
+    exporter.state.refresh()
+    s = scrape(exporter.port)
+    assert get(s, "fedtune_node_train_loss", run_id=5, node=11) == 1.5
+    assert get(s, "fedtune_rejected_updates_total", run_id=5, reason="non-finite") == 1

@@ -10,8 +10,9 @@ import urllib.request
 import pytest
 import yaml
 
-from fedtune.exporter import Exporter, Traffic
 from fedtune.federation import free_port
+from fedtune.metrics.service import Exporter
+from fedtune.metrics.state import Traffic
 from tests.observability.helpers import (
     ALERTS,
     DASHBOARD,

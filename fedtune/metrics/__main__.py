@@ -1,0 +1,3 @@
+from fedtune.metrics.cli import main
+
+main()
