@@ -29,7 +29,9 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedtune.atomic import write_bytes
 from fedtune.errors import FedTuneError, one_line_errors
+from fedtune.keygen import is_fedtune_key, new_private_key
 from fedtune.runtime_env import find_executable, flwr_env, require_file
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -84,11 +86,6 @@ def load_public_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePublicKey:
     return parse_public_key(require_file(path, "SuperNode public key").read_bytes(), str(path))
 
 
-def new_private_key() -> ec.EllipticCurvePrivateKey:
-    """A fresh SuperNode key: ECDSA P-384 (`ssh-keygen -t ecdsa -b 384`)."""
-    return ec.generate_private_key(ec.SECP384R1())
-
-
 def private_key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
     """Unencrypted OpenSSH PEM, what `flower-supernode --auth-supernode-private-key` reads."""
     return key.private_bytes(
@@ -103,15 +100,6 @@ def public_key_line(key: ec.EllipticCurvePublicKey, comment: str) -> bytes:
     )
 
 
-def _write_private(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    data = private_key_bytes(key)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-
-
 def _matching_pair(pair: NodeKey) -> bool:
     if not (pair.private_key.is_file() and pair.public_key.is_file()):
         return False
@@ -120,7 +108,7 @@ def _matching_pair(pair: NodeKey) -> bool:
     except FedTuneError:
         return False
     return (
-        isinstance(private.curve, ec.SECP384R1)
+        is_fedtune_key(private)
         and private.public_key().public_numbers() == public.public_numbers()
     )
 
@@ -135,11 +123,9 @@ def generate(out_dir: str | os.PathLike[str], name: str, force: bool = False) ->
     generated = key is None
     if key is None:
         key = new_private_key()
-        _write_private(key, pair.private_key)
+        write_bytes(pair.private_key, private_key_bytes(key), mode=0o600)
     # A lost or stale .pub is re-derived: a registered node must never get a new identity by accident.
-    tmp = pair.public_key.with_name(f".{pair.public_key.name}.tmp")
-    tmp.write_bytes(public_key_line(key.public_key(), f"fedtune-{name}"))
-    os.replace(tmp, pair.public_key)
+    write_bytes(pair.public_key, public_key_line(key.public_key(), f"fedtune-{name}"))
     return pair, generated
 
 
@@ -150,7 +136,7 @@ def _existing_private_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
         key = load_private_key(path)
     except FedTuneError:
         return None
-    return key if isinstance(key.curve, ec.SECP384R1) else None
+    return key if is_fedtune_key(key) else None
 
 
 def public_key_of(private_key: str | os.PathLike[str]) -> Path:
@@ -158,7 +144,7 @@ def public_key_of(private_key: str | os.PathLike[str]) -> Path:
     path = Path(private_key)
     public = path.with_name(f"{path.name}.pub")
     if not public.is_file():
-        public.write_bytes(public_key_line(load_private_key(path).public_key(), f"fedtune-{path.name}"))
+        write_bytes(public, public_key_line(load_private_key(path).public_key(), f"fedtune-{path.name}"))
     return public
 
 

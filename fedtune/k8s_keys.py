@@ -38,13 +38,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedtune.auth import (
     check_name,
-    new_private_key,
     parse_private_key,
     parse_public_key,
     private_key_bytes,
     public_key_line,
 )
 from fedtune.errors import FedTuneError, one_line_errors
+from fedtune.keygen import new_private_key
 from fedtune.runtime_env import require_file
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
