@@ -1,0 +1,225 @@
+"""What the report, the table and the live progress read from a run folder: one small adapter over
+results.json (and the eval output), so the rest of the package never touches the file's keys.
+
+It reads the file as JSON and accepts both layouts seen on disk: the first writer's (kebab-case node
+metrics, no timeline) and the typed schema of `fedtune/results.py` (snake_case, per-round timeline).
+When every writer uses the typed schema this module becomes a thin wrapper around `RunResults.read`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtune.accounting import REFERENCE_BUDGET_MB
+from fedtune.errors import FedTuneError
+
+RESULTS_FILE = "results.json"
+EVAL_RESULTS = Path("eval") / "mmlu_results.json"  # where `fedtune eval` writes by default
+BUDGET_CAP_MB = 200_000.0  # the FlowerTune leaderboard's communication cap
+MB = 2**20
+
+# Round phases in the order they happen (RoundTimeline of fedtune/results.py), with their labels.
+PHASES = (
+    ("send", "send to nodes"),
+    ("nodes", "nodes train + transfer"),
+    ("aggregate", "aggregate"),
+    ("other", "results + other"),
+)
+
+
+@dataclass
+class RoundView:
+    round: int
+    train_loss: float | None
+    sampled: list[int]
+    replied: list[int]
+    failed: list[int]
+    rejected: dict[str, str]
+    aggregated: bool
+    down_bytes: int
+    up_bytes: int
+    budget_mb: float
+    duration_s: float
+    phases: dict[str, float]  # PHASES key -> seconds (sums to duration_s)
+    checkpoint_s: float
+    checkpoint: str | None
+
+    @property
+    def total_mb(self) -> float:
+        return (self.down_bytes + self.up_bytes) / MB
+
+
+@dataclass
+class NodeView:
+    node_id: str
+    partition_id: int | None
+    down_bytes: int = 0
+    up_bytes: int = 0
+    rounds: int = 0
+    failed: int = 0
+    rejected: int = 0
+
+    @property
+    def label(self) -> str:
+        short = self.node_id if len(self.node_id) <= 6 else "…" + self.node_id[-4:]
+        return f"partition {self.partition_id} ({short})" if self.partition_id is not None else short
+
+
+@dataclass
+class EvalView:
+    path: Path
+    categories: list[str]
+    rows: list[tuple[str, list[float | None], float | None]]  # method, accuracy per category, average
+    budget_mb: float | None
+    num_questions: int | None
+    source: str | None
+
+
+@dataclass
+class RunView:
+    run_dir: Path
+    run_id: int | None
+    status: str
+    error: str | None
+    model: str
+    planned_rounds: int | None
+    rounds: list[RoundView]
+    nodes: list[NodeView]
+    budget_mb: float
+    budget_limit_mb: float
+    reference_mb: float
+    final_adapter: str | None
+    started_at: str | None
+    finished_at: str | None
+    eval: EvalView | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def last_round(self) -> int:
+        return self.rounds[-1].round if self.rounds else 0
+
+
+def _get(mapping: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A key in either spelling (snake_case or kebab-case)."""
+    for spelling in (key, key.replace("_", "-"), key.replace("-", "_")):
+        if spelling in mapping:
+            return mapping[spelling]
+    return default
+
+
+def _phases(record: dict[str, Any], duration: float) -> dict[str, float]:
+    """Seconds per phase from the round's timeline; without one, the slowest node's training time."""
+    timeline = record.get("timeline") or {}
+    marks = [timeline.get(k) for k in ("started", "sent", "all_replies", "aggregated")]
+    times = [float(m) for m in marks if isinstance(m, (int, float))]
+    phases = dict.fromkeys((key for key, _ in PHASES), 0.0)
+    if len(times) == len(marks):
+        started, sent, replies, aggregated = times
+        phases["send"] = max(0.0, sent - started)
+        phases["nodes"] = max(0.0, replies - sent)
+        phases["aggregate"] = max(0.0, aggregated - replies)
+    else:
+        values = [_get(stats, "train_seconds") for stats in (record.get("nodes") or {}).values()]
+        seconds = [float(v) for v in values if isinstance(v, (int, float))]
+        phases["nodes"] = min(max(seconds, default=0.0), duration)
+    phases["other"] = max(0.0, duration - sum(phases.values()))
+    return phases
+
+
+def _round(record: dict[str, Any]) -> RoundView:
+    duration = float(record.get("duration_seconds") or 0.0)
+    loss = record.get("train_loss")
+    return RoundView(
+        round=int(record["round"]),
+        train_loss=float(loss) if isinstance(loss, (int, float)) else None,
+        sampled=[int(n) for n in record.get("sampled", [])],
+        replied=[int(n) for n in record.get("replied", [])],
+        failed=[int(n) for n in record.get("failed", [])],
+        rejected={str(k): str(v) for k, v in (record.get("rejected") or {}).items()},
+        aggregated=bool(record.get("aggregated")),
+        down_bytes=int(record.get("bytes_down") or 0),
+        up_bytes=int(record.get("bytes_up") or 0),
+        budget_mb=float(record.get("budget_mb") or 0.0),
+        duration_s=duration,
+        phases=_phases(record, duration),
+        checkpoint_s=float(record.get("checkpoint_seconds") or 0.0),
+        checkpoint=record.get("checkpoint"),
+    )
+
+
+def _nodes(rounds: list[dict[str, Any]]) -> list[NodeView]:
+    nodes: dict[str, NodeView] = {}
+    for record in rounds:
+        rejected = {str(k) for k in (record.get("rejected") or {})}
+        failed = {str(k) for k in record.get("failed", [])}
+        for node_id, stats in (record.get("nodes") or {}).items():
+            partition = _get(stats, "partition_id")
+            view = nodes.setdefault(
+                str(node_id),
+                NodeView(str(node_id), int(partition) if isinstance(partition, (int, float)) else None),
+            )
+            view.down_bytes += int(_get(stats, "down_bytes", 0) or 0)
+            view.up_bytes += int(_get(stats, "up_bytes", 0) or 0)
+            view.rounds += 1
+            view.failed += str(node_id) in failed
+            view.rejected += str(node_id) in rejected
+    return sorted(nodes.values(), key=lambda n: (n.partition_id is None, n.partition_id or 0, n.node_id))
+
+
+def _eval(run_dir: Path) -> EvalView | None:
+    path = run_dir / EVAL_RESULTS
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        methods = data["methods"]
+        categories = [c for c in methods[0]["categories"] if c != "Other"] if methods else []
+        rows = [
+            (
+                str(m["name"]),
+                [m["categories"].get(c, {}).get("accuracy") for c in categories],
+                m.get("average"),
+            )
+            for m in methods
+        ]
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None  # a partial or foreign file: the report says "no evaluation" rather than fail
+    return EvalView(path, categories, rows, data.get("budget_mb"), data.get("num_questions"),
+                    data.get("mmlu_source"))
+
+
+def load(run_dir: str | Path) -> RunView:
+    """The run in `run_dir` (or the results.json given directly); one clear error if unreadable."""
+    path = Path(run_dir).expanduser()
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise FedTuneError(f"no {RESULTS_FILE} in {path.parent}: not a fedtune run folder")
+    try:
+        data = json.loads(path.read_text())
+        rounds = list(data.get("rounds") or [])
+        config = data.get("config") or {}
+        view = RunView(
+            run_dir=path.parent,
+            run_id=data.get("run_id"),
+            status=str(data.get("status", "unknown")),
+            error=data.get("error"),
+            model=str((config.get("model") or {}).get("name", "?")),
+            planned_rounds=config.get("num_server_rounds"),
+            rounds=[_round(r) for r in rounds],
+            nodes=_nodes(rounds),
+            budget_mb=float(data.get("budget_mb") or 0.0),
+            budget_limit_mb=float(data.get("budget_limit_mb") or BUDGET_CAP_MB),
+            reference_mb=float(data.get("reference_budget_mb") or REFERENCE_BUDGET_MB),
+            final_adapter=data.get("final_adapter"),
+            started_at=data.get("started_at"),
+            finished_at=data.get("finished_at"),
+            raw=data,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise FedTuneError(f"{path}: not a readable results file ({type(err).__name__}: {err})") from None
+    view.eval = _eval(view.run_dir)
+    return view
