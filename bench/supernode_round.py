@@ -94,9 +94,9 @@ def node_config(out: Path, worst: bool = False) -> dict[str, Any]:
 def profile_overrides(name: str) -> dict[str, Any]:
     if name == "reference":
         return {}
-    from supernode.trainer_service import load_run_config_file
+    from fedtune.toml_io import read_flat
 
-    return load_run_config_file(str(REPO / "profiles" / f"{name}.toml"))
+    return read_flat(REPO / "profiles" / f"{name}.toml")
 
 
 # ---- prepare -------------------------------------------------------------------------------------------
@@ -563,10 +563,12 @@ def split(result: dict[str, Any]) -> dict[str, Any]:
 def start_service(out: Path, preload: dict[str, Any] | None) -> tuple[subprocess.Popen, str, float]:
     work = out / "rounds"
     work.mkdir(parents=True, exist_ok=True)
-    sock = f"/tmp/fedtune-bench-{os.getpid()}.sock"
+    import tempfile
+
+    sock = str(Path(tempfile.mkdtemp(prefix="fedtune-bench-")) / "trainer.sock")  # a private 0700 folder
     ready = work / "service.ready"
     ready.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "supernode.trainer_service", "--socket", sock, "--ready-file", str(ready)]
+    cmd = [sys.executable, "-m", "clientapp.warm.service", "--socket", sock, "--ready-file", str(ready)]
     if preload is not None:
         preload_file = work / "preload.toml"
         preload_file.write_text("".join(f"{json.dumps(k)} = {json.dumps(v)}\n" for k, v in preload.items()))

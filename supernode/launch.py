@@ -4,7 +4,9 @@ The partition is explicit (`--partition-id`) or derived from an ordinal: the tra
 or host name (`--partition-from-ordinal`, StatefulSet style) plus `--partition-offset`.
 Every flag also reads an environment variable: FEDTUNE_SUPERLINK, FEDTUNE_ROOT_CERTIFICATES,
 FEDTUNE_PARTITION_ID, FEDTUNE_PARTITION_FROM_ORDINAL (1/0), FEDTUNE_PARTITION_OFFSET,
-FEDTUNE_NUM_PARTITIONS, FEDTUNE_DATA_PATH, FEDTUNE_CLIENTAPP_PORT, FEDTUNE_AUTH_KEY, FEDTUNE_INSECURE.
+FEDTUNE_NUM_PARTITIONS, FEDTUNE_DATA_PATH, FEDTUNE_CLIENTAPP_PORT, FEDTUNE_AUTH_KEY, FEDTUNE_INSECURE,
+FEDTUNE_WARM_TRAINER (1/0), FEDTUNE_TRAINER_SOCKET, FEDTUNE_WARM_TRAINER_PRELOAD, FEDTUNE_COMPILE_CACHE_DIR.
+With --warm-trainer the SuperNode starts only once its warm trainer answers (supernode/warm_trainer.py).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import re
 import socket
 import sys
 
+from clientapp.warm.protocol import SOCKET_NODE_CONFIG_KEY
 from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.logs import exec_args
 from fedtune.runtime_env import env_flag, find_executable, flwr_env, passthrough, require_file
+from supernode import warm_trainer
+from supernode.warm_trainer import private_socket
 
 DEFAULT_CLIENTAPP_PORT = 9094
 ORDINAL_RE = re.compile(r"-(\d+)$")
@@ -70,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--trainer-socket", default=env("FEDTUNE_TRAINER_SOCKET"),
-        help="Unix socket of the warm trainer (default: per --clientapp-port, in the temp folder)",
+        help="Unix socket of the warm trainer, in a 0700 folder of this user "
+        "(default: a fresh private folder under $XDG_RUNTIME_DIR or the temp folder)",
+    )
+    parser.add_argument(
+        "--compile-cache", default=env("FEDTUNE_COMPILE_CACHE_DIR"),
+        help="persistent folder for torch.compile's caches, kept across warm-trainer restarts "
+        "(default: ~/.cache/fedtune/torch-compile)",
     )
     parser.add_argument(
         "--warm-trainer-preload", default=env("FEDTUNE_WARM_TRAINER_PRELOAD"), metavar="RUN_CONFIG_TOML",
@@ -114,14 +125,15 @@ def node_config(args: argparse.Namespace, partition: int) -> str:
     if args.data_path:
         items.append(f"data-path={json.dumps(str(args.data_path))}")
     if getattr(args, "warm_trainer", False):
-        items.append(f"trainer-socket={json.dumps(trainer_socket(args))}")
+        items.append(f"{SOCKET_NODE_CONFIG_KEY}={json.dumps(trainer_socket(args))}")
     return " ".join(items)
 
 
 def trainer_socket(args: argparse.Namespace) -> str:
-    from supernode.trainer_service import default_socket_path
-
-    return args.trainer_socket or default_socket_path(args.clientapp_port)
+    """The warm trainer's socket (a private folder is made once per launch)."""
+    if not getattr(args, "resolved_socket", None):
+        args.resolved_socket = private_socket(args.trainer_socket, args.clientapp_port)
+    return str(args.resolved_socket)
 
 
 def build_command(args: argparse.Namespace) -> list[str]:
@@ -169,10 +181,13 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join(cmd))
         return
     executable = find_executable(cmd[0])
-    if args.warm_trainer:  # a child that outlives this exec and ends with flower-supernode
-        from supernode.trainer_service import spawn
-
-        spawn(trainer_socket(args), args.warm_trainer_preload)
+    if args.warm_trainer:  # a supervised child that outlives this exec and ends with flower-supernode
+        if args.warm_trainer_preload:
+            require_file(args.warm_trainer_preload, "--warm-trainer-preload run config")
+        cache = warm_trainer.compile_cache_dir(args.compile_cache)
+        supervisor = warm_trainer.spawn(trainer_socket(args), args.warm_trainer_preload, cache)
+        status = warm_trainer.wait_ready(trainer_socket(args), supervisor)
+        print(f"warm trainer ready (pid {status.get('pid')}) at {trainer_socket(args)}", flush=True)
     sys.stdout.flush()
     os.execve(*exec_args(executable, cmd), flwr_env())  # flwr's log lines through fedtune.logs
 

@@ -38,11 +38,13 @@ def call_clientapp(run_config, node_config, arrays, server_round=1):
 
 @pytest.fixture
 def service(tmp_path):
-    sock = str(tmp_path / "trainer.sock")
+    private = tmp_path / "run"
+    private.mkdir(mode=0o700)
+    sock = str(private / "trainer.sock")
     ready = tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supernode.trainer_service", "--socket", sock, "--ready-file", str(ready)],
+        [sys.executable, "-m", "clientapp.warm.service", "--socket", sock, "--ready-file", str(ready)],
         cwd=REPO,
         env=env,
     )
@@ -57,7 +59,7 @@ def service(tmp_path):
 
 
 def test_warm_round_matches_in_process_and_keeps_the_model(tiny_model_dir, demo_data_file, service):
-    from clientapp import warm_client
+    from clientapp.warm import client as warm_client
 
     _proc, sock = service
     run_config = tiny_run_config(tiny_model_dir, **{"train.max-steps": 2, "train.optim": "adamw_torch"})
@@ -106,3 +108,43 @@ def test_service_reports_training_errors(tiny_model_dir, demo_data_file, service
     arrays = global_arrays(tiny_model_dir, tiny_run_config(tiny_model_dir))
     with pytest.raises(FedTuneError, match="warm trainer"):
         call_clientapp(run_config, node, arrays)
+
+
+CLIENTAPP_ONLY = """
+import json, sys
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from clientapp.client_app import train
+from fedtune.messages import train_message
+
+spec = json.loads(sys.argv[1])
+with np.load(spec["adapter"]) as data:
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(data[k])) for k in data.files})
+msg, context = train_message(arrays, spec["round"], spec["node"], spec["run_config"])
+reply = train(msg, context)
+heavy = sorted(m for m in ("torch", "transformers", "peft", "bitsandbytes", "trl", "datasets") if m in sys.modules)
+print(json.dumps({"heavy": heavy, "steps": reply.content["metrics"]["train-steps"]}))
+"""
+
+
+def test_warm_clientapp_process_never_imports_torch(tiny_model_dir, demo_data_file, service, tmp_path):
+    """The ClientApp process Flower starts per message stays light when a warm trainer does the round."""
+    import json
+
+    _proc, sock = service
+    run_config = tiny_run_config(tiny_model_dir, **{"train.max-steps": 1, "train.optim": "adamw_torch"})
+    adapter = tmp_path / "adapter.npz"
+    np.savez(adapter, **{k: a.numpy() for k, a in global_arrays(tiny_model_dir, run_config).items()})
+    spec = {
+        "adapter": str(adapter),
+        "round": {"server-round": 1, "learning-rate": 1e-3, "transport-dtype": "float32"},
+        "node": {"partition-id": 0, "num-partitions": 2, "data-path": str(demo_data_file), "trainer-socket": sock},
+        "run_config": run_config,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", CLIENTAPP_ONLY, json.dumps(spec)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"heavy": [], "steps": 1}

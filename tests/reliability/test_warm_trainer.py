@@ -1,0 +1,344 @@
+"""Attacks on the node-local warm trainer (issue 13 items 6 and 8), each shown to fail: socket squatting,
+another user's connection, malformed and idle clients; and its lifecycle: the SuperNode's start fails when the
+trainer never becomes ready, and a trainer that dies is started again."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+NOBODY = 65534
+
+
+def private_dir(tmp_path: Path, name: str = "run") -> Path:
+    folder = tmp_path / name
+    folder.mkdir(mode=0o700)
+    return folder
+
+
+def start_service(sock: Path, *extra: str, user: int | None = None) -> subprocess.Popen[bytes]:
+    ready = sock.parent.parent / f"{sock.parent.name}.ready"
+    ready.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clientapp.warm.service", "--socket", str(sock), "--ready-file", str(ready), *extra],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        user=user,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"service exited {proc.returncode}: {proc.stdout.read().decode()}")
+        assert time.monotonic() < deadline, "service did not come up"
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture
+def service(tmp_path):
+    sock = private_dir(tmp_path) / "trainer.sock"
+    proc = start_service(sock, "--io-timeout", "1.5")
+    yield proc, sock
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def raw(sock: Path, payload: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, return whatever the service answers before it closes the connection."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(str(sock))
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def frame(header: dict) -> bytes:
+    encoded = json.dumps(header).encode()
+    return struct.pack(">Q", len(encoded)) + encoded
+
+
+def error_of(answer: bytes) -> str:
+    (size,) = struct.unpack(">Q", answer[:8])
+    header = json.loads(answer[8 : 8 + size])
+    assert header["ok"] is False
+    return header["error"]
+
+
+def ping(sock: Path) -> dict | None:
+    from clientapp.warm.client import ping as warm_ping
+
+    return warm_ping(str(sock), timeout=5.0)
+
+
+# ---- malformed and idle clients (item 8) -------------------------------------------------------------------
+
+V = 3  # clientapp.warm.protocol.PROTOCOL_VERSION, spelled out: a change must be deliberate
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (struct.pack(">Q", 2**40), "header length"),
+        (struct.pack(">Q", 9) + b"{not json", "not JSON"),
+        (struct.pack(">Q", 4) + b"\xff\xfe\xfd\xfc", "not JSON"),
+        (frame([1, 2]), "not a JSON object"),
+        (frame({"op": "ping", "arrays": []}), "protocol version"),
+        (frame({"op": "ping", "v": 2, "arrays": []}), "protocol version"),
+        (frame({"op": "ping", "v": V}), "'arrays'"),
+        (frame({"op": "train", "v": V, "arrays": []}), "'run_config'"),
+        (frame({"op": "train", "v": V, "arrays": [], "run_config": {}, "node_config": {}, "round": {}}), "without adapter"),
+        (frame({"op": "launch", "v": V, "arrays": []}), "unknown op"),
+        (frame({"op": "ping", "v": V, "arrays": [{"key": "a", "dtype": "float32", "shape": [1], "stype": "numpy.ndarray", "nbytes": -4}]}), "nbytes"),
+        (frame({"op": "ping", "v": V, "arrays": [{"key": "a", "dtype": "float32", "shape": [1], "stype": "numpy.ndarray", "nbytes": 2**50}]}), "exceed"),
+        (frame({"op": "ping", "v": V, "arrays": [{"key": 7, "dtype": "float32", "shape": [1], "stype": "x", "nbytes": 4}]}), "'key'"),
+        (frame({"op": "ping", "v": V, "arrays": ["x"]}), "not an object"),
+    ],
+)
+def test_malformed_frames_get_an_error_and_the_service_stays_up(service, payload, reason):
+    proc, sock = service
+    assert reason in error_of(raw(sock, payload))
+    assert proc.poll() is None
+    status = ping(sock)
+    assert status is not None and status["rejected"] >= 1
+
+
+def test_truncated_frames_and_idle_connections_never_block_the_service(service):
+    proc, sock = service
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle.connect(str(sock))  # says nothing
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.connect(str(sock))
+    stalled.sendall(struct.pack(">Q", 100) + b'{"op": ')  # half a header, then silence
+    started = time.monotonic()
+    assert ping(sock) is not None  # served while both are still open
+    assert time.monotonic() - started < 2.0
+    for conn in (idle, stalled):  # dropped after the 1.5 s I/O timeout
+        conn.settimeout(10)
+        assert conn.recv(1) == b""
+        conn.close()
+    flood = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(40)]
+    for conn in flood:
+        with contextlib.suppress(OSError):
+            conn.connect(str(sock))
+    for conn in flood:
+        conn.close()
+    time.sleep(2.0)
+    assert ping(sock) is not None and proc.poll() is None
+
+
+# ---- the socket's home (item 6) ----------------------------------------------------------------------------
+
+
+def test_service_refuses_a_socket_in_a_folder_others_can_write(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp
+    done = subprocess.run(
+        [sys.executable, "-m", "clientapp.warm.service", "--socket", str(shared / "trainer.sock")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0
+    assert "open to other users" in done.stderr
+    assert not (shared / "trainer.sock").exists()
+
+
+def test_launcher_socket_is_private_and_unpredictable(tmp_path):
+    from fedtune.errors import FedTuneError
+    from supernode.warm_trainer import private_socket
+
+    first, second = Path(private_socket(None, 9094)), Path(private_socket(None, 9094))
+    for path in (first, second):
+        mode = stat.S_IMODE(path.parent.stat().st_mode)
+        assert mode == 0o700 and path.parent.stat().st_uid == os.getuid()
+    assert first != second  # no fixed name another user could bind first
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(FedTuneError, match="open to other users"):
+        private_socket(str(shared / "trainer.sock"), 9094)
+    created = Path(private_socket(str(tmp_path / "new" / "trainer.sock"), 9094))
+    assert stat.S_IMODE(created.parent.stat().st_mode) == 0o700
+    for path in (first, second):
+        path.parent.rmdir()
+
+
+@pytest.fixture
+def traversable():
+    """A folder other users may pass through (pytest's own tmp folders are closed to them)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="fedtune-test-"))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def as_other_user(action) -> int:
+    """Run `action()` in a forked child that has become another user (nobody); its exit status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            code = int(action())
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_another_user_is_not_served_even_if_the_socket_were_reachable(traversable):
+    sock = private_dir(traversable) / "trainer.sock"
+    proc = start_service(sock)
+    # Defence in depth: open the folder and the socket as a misconfigured volume might; the uid check holds.
+    sock.parent.chmod(0o711)
+    sock.chmod(0o666)
+
+    def attack() -> int:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(5)
+            conn.connect(str(sock))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.sendall(frame({"op": "ping", "v": V, "arrays": []}))
+            try:
+                answer = conn.recv(1)
+            except ConnectionResetError:
+                answer = b""
+        return 0 if answer == b"" else 3  # 0: closed unanswered
+
+    try:
+        assert as_other_user(attack) == 0
+        assert ping(sock)["rejected"] == 1 and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_squatters_socket_never_receives_the_round(traversable):
+    """Another user bound the path first: the ClientApp sees a peer of the wrong uid and trains in-process."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from clientapp.warm.client import train_remote
+
+    folder = traversable / "squat"
+    folder.mkdir()
+    folder.chmod(0o777)
+    sock = folder / "trainer.sock"
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the squatter
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.bind(str(sock))
+            os.chmod(sock, 0o666)
+            server.listen(1)
+            os.write(write_fd, b"1")
+            server.settimeout(20)
+            conn, _ = server.accept()
+            conn.settimeout(5)
+            data = b""
+            with contextlib.suppress(OSError):
+                while chunk := conn.recv(65536):
+                    data += chunk
+            os.write(write_fd, str(len(data)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    assert os.read(read_fd, 1) == b"1"
+    arrays = ArrayRecord({"a": Array(np.zeros(1000, dtype=np.float32))})
+    assert train_remote(str(sock), {}, {}, {"server-round": 1, "learning-rate": 0.1}, arrays) is None
+    received = os.read(read_fd, 64)
+    os.waitpid(pid, 0)
+    assert received == b"0"  # not a byte of the round reached it
+
+
+# ---- lifecycle: readiness and restarts ---------------------------------------------------------------------
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc_dir in Path("/proc").iterdir():
+        if proc_dir.name.isdigit():
+            with contextlib.suppress(OSError):
+                if text in (proc_dir / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc_dir.name))
+    return found
+
+
+def test_supernode_start_fails_when_the_trainer_never_becomes_ready(tmp_path):
+    folder = private_dir(tmp_path)
+    sock = folder / ("x" * 120 + ".sock")  # longer than a Unix socket path may be: the service cannot bind
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "supernode.launch", "--superlink", "127.0.0.1:1", "--insecure",
+            "--partition-id", "0", "--warm-trainer", "--trainer-socket", str(sock),
+            "--compile-cache", str(tmp_path / "cache"),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "FEDTUNE_WARM_TRAINER_READY_TIMEOUT": "4"},
+    )
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "warm trainer not ready" in line]
+    assert lines, done.stderr[-2000:]
+    time.sleep(1.0)
+    assert _processes_mentioning(str(sock)) == []  # the supervisor and its service were stopped
+
+
+def test_a_dead_trainer_is_started_again(tmp_path):
+    from clientapp.warm.client import ping as warm_ping
+
+    sock = private_dir(tmp_path) / "trainer.sock"
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "supernode.warm_trainer", "--socket", str(sock),
+         "--compile-cache", str(tmp_path / "cache")],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        def wait_pid(not_pid: int | None, timeout: float = 60.0) -> int:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                status = warm_ping(str(sock), timeout=2.0)
+                if status is not None and status["pid"] != not_pid:
+                    return int(status["pid"])
+                time.sleep(0.2)
+            raise AssertionError("the warm trainer did not come (back) up")
+
+        first = wait_pid(None)
+        os.kill(first, 9)
+        second = wait_pid(first)
+        assert second != first and supervisor.poll() is None
+        env = Path(f"/proc/{second}/environ").read_bytes().split(b"\0")
+        assert f"TORCHINDUCTOR_CACHE_DIR={tmp_path / 'cache'}".encode() in env  # compile cache persists
+    finally:
+        supervisor.terminate()
+        supervisor.wait(timeout=30)
+    time.sleep(0.5)
+    assert _processes_mentioning(str(sock)) == []
