@@ -21,7 +21,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedtune.atomic import write_bytes
 from fedtune.errors import FedTuneError, one_line_errors
+from fedtune.keygen import new_private_key
 from fedtune.runtime_env import require_file
 
 CA_CERT = "ca.crt"
@@ -57,27 +59,17 @@ def _general_name(san: str) -> x509.GeneralName:
         return x509.DNSName(san)
 
 
-def _new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP384R1())
-
-
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    os.replace(tmp, path)
+    write_bytes(path, pem, mode=0o600)
 
 
 def _write_cert(cert: x509.Certificate, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    os.replace(tmp, path)
+    write_bytes(path, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _builder(
@@ -129,7 +121,7 @@ def _load_ca(files: TlsFiles) -> tuple[ec.EllipticCurvePrivateKey | None, x509.C
 
 
 def _new_ca(days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    ca_key = _new_key()
+    ca_key = new_private_key()
     ca_cert = (
         _builder("fedtune CA", "fedtune CA", ca_key.public_key(), days)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -157,7 +149,7 @@ def generate(out_dir: str | os.PathLike[str], sans: list[str], days: int = VALID
     ca_key, ca_cert = _load_ca(files)
     if ca_key is None or ca_cert is None:
         ca_key, ca_cert = _new_ca(days)
-    server_key = _new_key()
+    server_key = new_private_key()
     server_cert = (
         # never valid longer than the CA that vouches for it
         _builder(sans[0], "fedtune CA", server_key.public_key(), days, not_after=ca_cert.not_valid_after_utc)
