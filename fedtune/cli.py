@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 from fedtune.errors import one_line_errors
+from fedtune.runtime_env import silence_flwr
 
 # name -> (one-line help, module with add_arguments/run)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -97,9 +97,7 @@ def _delegate(name: str, argv: list[str]) -> int:
 
 @one_line_errors
 def main(argv: Sequence[str] | None = None) -> int:
-    # flwr must never phone home from any process we start
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    silence_flwr()  # flwr must never phone home from any process we start
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] in DELEGATED:
         return _delegate(args_list[0], args_list[1:])

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 
+from fedtune.runtime_env import FLWR_QUIET_ENV  # imports no flwr: safe before the variables are set
+
 os.environ.update(
     {
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        **FLWR_QUIET_ENV,
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.runtime_env import FLWR_QUIET_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 BASE_IMAGE = os.environ.get("FEDTUNE_TEST_BASE_IMAGE", "local/debian-py:bookworm")
 PREFIX = "fedtune"
@@ -32,8 +34,7 @@ PROMETHEUS_IMAGE = "fedtune/prometheus-standin:test"
 
 # Every process that runs flwr, and docker compose's own variables for the stack.
 BASE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    **FLWR_QUIET_ENV,
     "BASE_IMAGE": BASE_IMAGE,
     "FEDTUNE_IMAGE_PREFIX": PREFIX,
     "FEDTUNE_TAG": TAG,

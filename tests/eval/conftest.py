@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 
-# every process started here: no flwr telemetry or update check, no hub
-os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+# every process started here: no hub (tests/conftest.py already turned flwr's telemetry and update check off)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
