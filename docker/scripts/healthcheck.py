@@ -1,4 +1,5 @@
-"""Container health checks (`HEALTHCHECK CMD fedtune-healthcheck superlink|supernode`), stdlib only.
+"""Container health checks (`HEALTHCHECK CMD fedtune-healthcheck superlink|supernode`): light, the
+standard library and fedtune.runtime_env only (no flwr or torch import on every probe).
 
 superlink: GET https://127.0.0.1:$FEDTUNE_PORT/health answers 200 (the Fleet/Control/Runtime server
            is up). The certificate is not verified here: this is the container asking itself, and the
@@ -15,14 +16,12 @@ import ssl
 import sys
 import urllib.request
 
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+from fedtune.runtime_env import env_flag
 
 
 def superlink() -> None:
     port = int(os.environ.get("FEDTUNE_PORT") or 8000)
-    scheme = "http" if _flag("FEDTUNE_INSECURE") else "https"
+    scheme = "http" if env_flag("FEDTUNE_INSECURE") else "https"
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE

@@ -17,16 +17,14 @@ import os
 import sys
 from pathlib import Path
 
+from fedtune.atomic import write_bytes
 from fedtune.auth import NodeKey, generate, load_private_key, load_public_key, public_key_of
 from fedtune.errors import FedTuneError, one_line_errors
 
 
 def _copy(src: Path, dest_dir: Path) -> Path:
-    dest = dest_dir / src.name
-    tmp = dest_dir / f".{src.name}.tmp"
-    tmp.write_bytes(src.read_bytes())
-    tmp.chmod(0o644)
-    os.replace(tmp, dest)
+    dest = write_bytes(dest_dir / src.name, src.read_bytes())
+    dest.chmod(0o644)  # readable by the register job whatever the umask: it is a public key
     return dest
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
+from fedtune.atomic import write_text
 from fedtune.embedded import cache_dir
 
 EMBEDDED_MMLU = "embedded/mmlu-sample"
@@ -171,10 +171,7 @@ def write_sample(root: Path) -> Path:
     folder = Path(root) / "data" / "test"
     folder.mkdir(parents=True, exist_ok=True)
     for subject, rows in SAMPLE.items():
-        target = folder / f"{subject}_test.csv"
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(sample_csv(rows), encoding="utf-8")
-        os.replace(tmp, target)
+        write_text(folder / f"{subject}_test.csv", sample_csv(rows))
     return Path(root)
 
 
