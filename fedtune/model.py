@@ -14,6 +14,7 @@ import numpy as np
 
 from fedtune.config import ModelSettings
 from fedtune.embedded import resolve_model
+from fedtune.packing import BF16_WIRE_DTYPE  # noqa: F401  (re-exported: bf16 bits travel as uint16)
 
 if TYPE_CHECKING:  # heavy imports stay inside functions: the SuperLink/CLI start fast
     import torch
@@ -23,9 +24,6 @@ if TYPE_CHECKING:  # heavy imports stay inside functions: the SuperLink/CLI star
 
 log = logging.getLogger(__name__)
 
-# bf16 has no numpy dtype: on the wire a bf16 tensor is its raw 16-bit pattern in a uint16 array
-# (half the bytes of fp32, exact), tagged by the transport dtype in the message config.
-BF16_WIRE_DTYPE = np.uint16
 
 
 def pick_device() -> str:
@@ -137,34 +135,22 @@ def initial_adapter_state(
 
 
 def state_to_arrays(state: OrderedDict[str, torch.Tensor], transport_dtype: str) -> ArrayRecord:
-    """Adapter tensors to a Flower ArrayRecord, in the transport dtype (float32 or bfloat16)."""
-    import torch
-    from flwr.app import Array, ArrayRecord
+    """Adapter tensors to a per-tensor Flower ArrayRecord in the transport dtype (float32 or bfloat16);
+    the packed form and the conversions live in fedtune/packing.py."""
+    from fedtune.packing import encode, per_tensor
 
-    record = ArrayRecord()
-    for key, tensor in state.items():
-        tensor = tensor.detach().cpu()
-        if transport_dtype == "bfloat16":
-            bits = tensor.to(torch.bfloat16).view(torch.int16).numpy().view(BF16_WIRE_DTYPE)
-            record[key] = Array(bits)
-        else:
-            record[key] = Array(tensor.float().numpy())
-    return record
+    return per_tensor(encode(state, transport_dtype))
 
 
 def arrays_to_state(arrays: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
-    """Flower ArrayRecord (fp32, or bf16 carried as uint16) to float32 tensors."""
+    """A Flower ArrayRecord (packed or per-tensor; fp32, or bf16 carried as uint16) to float32 tensors."""
     import torch
 
-    state: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for key, array in arrays.items():
-        values = array.numpy()
-        if values.dtype == BF16_WIRE_DTYPE:
-            tensor = torch.from_numpy(values.view(np.int16).copy()).view(torch.bfloat16).float()
-        else:
-            tensor = torch.from_numpy(np.array(values, dtype=np.float32, copy=True))
-        state[key] = tensor
-    return state
+    from fedtune.packing import decode, unpack
+
+    values = decode(unpack(arrays).arrays)
+    # a copy: the arrays are views into one received buffer, and torch wants writable memory it owns
+    return OrderedDict((key, torch.from_numpy(np.array(v, dtype=np.float32))) for key, v in values.items())
 
 
 def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
