@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fedtune import toml_io
 from fedtune.runtime_env import require_file
-
-
-def _toml_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def write_connection(
@@ -20,12 +17,11 @@ def write_connection(
     make_default: bool = True,
 ) -> Path:
     """Add/replace the connection `name` (TLS when `root_certificates` is given, else insecure)."""
-    body = [f"address = {_toml_string(address)}"]
+    body: dict[str, object] = {"address": address}
     if root_certificates is None:
-        body.append("insecure = true")
+        body["insecure"] = True
     else:
-        ca = require_file(root_certificates, "CA certificate").resolve()
-        body.append(f"root-certificates = {_toml_string(str(ca))}")
+        body["root-certificates"] = str(require_file(root_certificates, "CA certificate").resolve())
     return _upsert_connection(flwr_home, name, body, make_default)
 
 
@@ -48,37 +44,16 @@ def write_operator_connection(
 
 
 def _upsert_connection(
-    flwr_home: str | os.PathLike[str], name: str, body: list[str], make_default: bool
+    flwr_home: str | os.PathLike[str], name: str, body: dict[str, object], make_default: bool
 ) -> Path:
-    """Write connection `name` with `body` lines into config.toml, keeping the user's other connections."""
-    home = Path(flwr_home).expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / "config.toml"
-    entries: dict[str, list[str]] = {}
-    default = name
-    if path.is_file():
-        import tomllib
-
-        superlink = tomllib.loads(path.read_text()).get("superlink", {})
-        if not make_default and isinstance(superlink.get("default"), str):
-            default = superlink["default"]
-        for other, other_body in superlink.items():
-            if other != name and isinstance(other_body, dict):
-                entries[other] = _render_table(other_body)
-    entries[name] = body
-    lines = ["[superlink]", f"default = {_toml_string(default)}", ""]
-    for conn, conn_body in entries.items():
-        lines += [f"[superlink.{conn}]", *conn_body, ""]
-    path.write_text("\n".join(lines))
-    return path
-
-
-def _render(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    return _toml_string(str(value))
+    """Write connection `name` into config.toml (atomically), keeping everything else the file holds."""
+    path = Path(flwr_home).expanduser() / "config.toml"
+    data = toml_io.read(path) if path.is_file() else {}
+    superlink = data.get("superlink") if isinstance(data.get("superlink"), dict) else {}
+    default = superlink.get("default") if not make_default else None
+    others = {k: v for k, v in superlink.items() if k not in ("default", name)}
+    data["superlink"] = {"default": default if isinstance(default, str) else name, **others, name: body}
+    return toml_io.write(path, data)
 
 
 # -- local simulation ------------------------------------------------------------------------------
@@ -96,19 +71,7 @@ def write_simulation_connection(
     The number of virtual SuperNodes and the Ray resources are given per run with
     `flwr run ... --federation-config "num-supernodes=20 client-resources-num-cpus=1"`
     (the connection's older `options.*` keys are deprecated in Flower 1.42)."""
-    body = [f"address = {_toml_string(LOCAL_SIMULATION_ADDRESS)}"]
-    return _upsert_connection(flwr_home, name, body, make_default)
-
-
-def _render_table(body: dict[str, object], prefix: str = "") -> list[str]:
-    """`key = value` lines of a TOML table, nested tables as dotted keys (e.g. a legacy `options`)."""
-    lines: list[str] = []
-    for key, value in body.items():
-        if isinstance(value, dict):
-            lines += _render_table(value, f"{prefix}{key}.")
-        else:
-            lines.append(f"{prefix}{key} = {_render(value)}")
-    return lines
+    return _upsert_connection(flwr_home, name, {"address": LOCAL_SIMULATION_ADDRESS}, make_default)
 
 
 def main(argv: list[str] | None = None) -> int:
