@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from fedtune import toml_io
 from fedtune.certs import ensure as ensure_certs
 from fedtune.errors import FedTuneError
 from fedtune.flwr_config import write_connection
@@ -271,16 +272,12 @@ class LocalFederation:
 
     def _run_config_file(self, profile: Path | None, overrides: dict[str, Any]) -> Path:
         """flwr takes one TOML file or key=value pairs, not both: merge them into one file."""
-        import tomllib
-        from flwr.common.config import flatten_dict
-
         merged: dict[str, Any] = {}
         if profile is not None:
-            merged.update(flatten_dict(tomllib.loads(Path(profile).read_text())))
+            merged.update(toml_io.read_flat(profile))
         merged.update(overrides)
         path = self.workdir / f"run-config-{len(list(self.workdir.glob('run-config-*.toml')))}.toml"
-        path.write_text("".join(f'"{key}" = {_toml_value(value)}\n' for key, value in merged.items()))
-        return path
+        return toml_io.write(path, merged)  # dotted keys stay single quoted keys, as flwr expects
 
     def runs(self) -> list[dict[str, Any]]:
         done = self.flwr("ls", CONNECTION, "--format", "json")
@@ -309,25 +306,13 @@ class LocalFederation:
 
 def check_known_keys(app_dir: Path, config_file: Path) -> None:
     """One clear line for a run-config key the app does not declare (the SuperLink refuses the run)."""
-    import tomllib
-    from flwr.common.config import flatten_dict
-
     pyproject = Path(app_dir) / "pyproject.toml"
     if not pyproject.is_file():
         return
-    app = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
-    known = set(flatten_dict(app.get("config", {})))
-    unknown = sorted(set(flatten_dict(tomllib.loads(Path(config_file).read_text()))) - known)
+    app = toml_io.read(pyproject).get("tool", {}).get("flwr", {}).get("app", {})
+    known = set(toml_io.flatten(app.get("config", {})))
+    unknown = sorted(set(toml_io.read_flat(config_file)) - known)
     if unknown:
         raise FedTuneError(
             f"unknown run config key {unknown[0]!r}: not in [tool.flwr.app.config] of {pyproject}"
         )
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
