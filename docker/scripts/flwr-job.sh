@@ -1,7 +1,11 @@
 #!/bin/sh
 # One-shot job: submit the Flower App in $FEDTUNE_APP to the SuperLink, stream its logs, and exit 0 only
 # when the run ends `finished:completed` (compose's `job` service; also usable as a Kubernetes Job).
-#   FEDTUNE_CONTROL_ADDRESS   SuperLink HOST:PORT (default superlink:8000)
+# With arguments, it writes the same connection and runs `flwr ARGS...` instead (the operator's CLI):
+#   fedtune-flwr-job ls remote-deployment --format json
+# It must run where the SuperLink's Control API is: its host, container network namespace
+# (compose: network_mode: service:superlink) or pod; the public port serves the Fleet API only.
+#   FEDTUNE_CONTROL_ADDRESS   SuperLink HOST:PORT (default 127.0.0.1:9000, the SuperLink's own port)
 #   FEDTUNE_ROOT_CERTIFICATES CA the SuperLink's certificate chains to (default /certs/ca.crt)
 #   FEDTUNE_INSECURE=1        plain HTTP instead (testing only)
 #   FEDTUNE_APP               app folder (default /app)
@@ -11,7 +15,7 @@
 #   FEDTUNE_JOB_TIMEOUT       seconds to wait for the run to finish (default 7200)
 set -eu
 CONN=${FEDTUNE_CONNECTION:-remote-deployment}
-ADDRESS=${FEDTUNE_CONTROL_ADDRESS:-superlink:8000}
+ADDRESS=${FEDTUNE_CONTROL_ADDRESS:-127.0.0.1:9000}
 CA=${FEDTUNE_ROOT_CERTIFICATES:-/certs/ca.crt}
 APP=${FEDTUNE_APP:-/app}
 RUN_CONFIG=${FEDTUNE_RUN_CONFIG-/app/profiles/demo.toml}
@@ -33,6 +37,9 @@ address = "$ADDRESS"
 $tls
 TOML
 
+if [ $# -gt 0 ]; then
+  exec flwr "$@"
+fi
 if [ -n "$RUN_CONFIG" ]; then
   set -- --run-config "$RUN_CONFIG"
 else

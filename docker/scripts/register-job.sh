@@ -3,12 +3,13 @@
 # (`fedtune-keys register` = `flwr supernode register`, each key under its file name). Keys registered
 # before are skipped, so it runs on every `docker compose up`; no keys = nothing to do (exit 0).
 #   FEDTUNE_PUBKEYS_DIR        folder of *.pub files (default /pubkeys)
-#   FEDTUNE_CONTROL_ADDRESS    SuperLink HOST:PORT (default superlink:8000)
+#   FEDTUNE_CONTROL_ADDRESS    SuperLink HOST:PORT (default 127.0.0.1:9000: the SuperLink's own port, so this
+#                              job runs in its network namespace/pod; the public port refuses the Control API)
 #   FEDTUNE_ROOT_CERTIFICATES  CA the SuperLink's certificate chains to (default /certs/ca.crt)
 #   FEDTUNE_CONNECTION         connection name written to $FLWR_HOME/config.toml (default superlink)
 set -eu
 DIR=${FEDTUNE_PUBKEYS_DIR:-/pubkeys}
-ADDRESS=${FEDTUNE_CONTROL_ADDRESS:-superlink:8000}
+ADDRESS=${FEDTUNE_CONTROL_ADDRESS:-127.0.0.1:9000}
 CA=${FEDTUNE_ROOT_CERTIFICATES:-/certs/ca.crt}
 CONN=${FEDTUNE_CONNECTION:-superlink}
 export FLWR_HOME=${FLWR_HOME:-$HOME/.flwr} FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1

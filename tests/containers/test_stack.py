@@ -1,6 +1,7 @@
 """The one-machine federation: `docker compose up` with images built from the local base, TLS and
 SuperNode authentication on (per-node key jobs, `register` before the SuperNodes), the demo job runs to
-`finished:completed`, the checkpoint is in the outputs volume and Prometheus (with
+`finished:completed` (from the SuperLink's network namespace: the published port is the Fleet-only proxy),
+the operator's `flwr` service lists it, the checkpoint is in the outputs volume and Prometheus (with
 monitoring/prometheus/ as compose mounts it) has scraped the SuperLink exporter's budget metric."""
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def test_compose_up_runs_the_demo_to_completion(
         job_log[-6000:] + stack.logs("superlink", "supernode-0", "supernode-1")[-8000:]
     )
     assert "finished:completed" in job_log
+
+    # The operator's flwr shares the SuperLink's network namespace (127.0.0.1:9000, its own port); the
+    # published port is the Fleet-only proxy. Containers run with a read-only root.
+    listed = stack.compose("run", "--rm", "flwr", "ls", "remote-deployment", "--format", "json", timeout=300)
+    assert "finished:completed" in listed.stdout, listed.stdout[-2000:] + listed.stderr[-2000:]
+    wrote = stack.compose("exec", "-T", "superlink", "touch", "/opt/venv/intruder", check=False)
+    assert wrote.returncode != 0 and "Read-only file system" in wrote.stdout + wrote.stderr
 
     # SuperNode authentication: on, both keys registered before the SuperNodes started, and each
     # SuperNode holds its own key pair only.

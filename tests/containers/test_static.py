@@ -21,7 +21,7 @@ SUPERNODE_HOST_ENV = {
 
 
 def config(*files: str, env: dict[str, str] | None = None) -> dict:
-    cmd = ["docker", "compose", "--profile", "grafana"]
+    cmd = ["docker", "compose", "--profile", "grafana", "--profile", "operator"]
     for f in files:
         cmd += ["-f", f]
     out = run([*cmd, "config", "--format", "yaml"], env=env, timeout=120).stdout
@@ -106,7 +106,7 @@ def test_one_machine_stack_authenticates_supernodes(compose_cli: None) -> None:
 
 
 def test_gpu_overlay_renders_with_reservations(compose_cli: None) -> None:
-    cfg = config("compose.yaml", "compose.gpu.yaml")
+    cfg = config("compose.yaml", "docker/compose.gpu.yaml")
     for name in ("supernode-0", "supernode-1"):
         svc = cfg["services"][name]
         assert svc["image"].endswith("/supernode:cuda")
@@ -126,12 +126,14 @@ def test_gpu_overlay_renders_with_reservations(compose_cli: None) -> None:
 
 
 def test_per_role_files_render(compose_cli: None) -> None:
-    link = config("compose.superlink.yaml", env={"FEDTUNE_EXTRA_SANS": "superlink.example.org"})
+    link = config(
+        "docker/compose.superlink.yaml", env={"FEDTUNE_EXTRA_SANS": "superlink.example.org"}
+    )
     assert set(link["services"]) >= {"certs", "superlink", "prometheus", "grafana"}
     sans = link["services"]["certs"]["environment"]["FEDTUNE_CERT_SANS"]
     assert sans == "superlink,localhost,127.0.0.1,superlink.example.org"
     assert link["services"]["superlink"]["ports"][0]["host_ip"] == "0.0.0.0"
-    node = config("compose.supernode.yaml", env=SUPERNODE_HOST_ENV)
+    node = config("docker/compose.supernode.yaml", env=SUPERNODE_HOST_ENV)
     env = node["services"]["supernode"]["environment"]
     assert env["FEDTUNE_SUPERLINK"] == "superlink.example.org:8000"
     assert env["FEDTUNE_PARTITION_ID"] == "3"
@@ -142,17 +144,21 @@ def test_per_role_files_render(compose_cli: None) -> None:
     mounts = {v["target"]: v for v in node["services"]["supernode"]["volumes"]}
     assert mounts["/keys"]["source"] == "key" and mounts["/keys"]["read_only"] is True
     own = config(
-        "compose.supernode.yaml",
+        "docker/compose.supernode.yaml",
         env={**SUPERNODE_HOST_ENV, "FEDTUNE_KEY_DIR": "/etc/fedtune/keys", "FEDTUNE_KEY_NAME": "node-3"},
     )["services"]
     assert own["supernode"]["environment"]["FEDTUNE_AUTH_KEY"] == "/keys/node-3"
     assert {v["target"]: v["source"] for v in own["supernode"]["volumes"]}["/keys"] == "/etc/fedtune/keys"
     assert own["keys"]["environment"]["FEDTUNE_KEY_NAME"] == "node-3"
-    no_auth = config("compose.supernode.yaml", env={**SUPERNODE_HOST_ENV, "FEDTUNE_AUTH_KEY": ""})
+    no_auth = config(
+        "docker/compose.supernode.yaml", env={**SUPERNODE_HOST_ENV, "FEDTUNE_AUTH_KEY": ""}
+    )
     assert no_auth["services"]["supernode"]["environment"]["FEDTUNE_AUTH_KEY"] == ""
     assert link["services"]["superlink"]["environment"]["FEDTUNE_SUPERNODE_AUTH"] == "1"
     assert link["services"]["register"]["depends_on"]["superlink"]["condition"] == "service_healthy"
-    gpu = config("compose.supernode.yaml", "compose.supernode.gpu.yaml", env=SUPERNODE_HOST_ENV)
+    gpu = config(
+        "docker/compose.supernode.yaml", "docker/compose.supernode.gpu.yaml", env=SUPERNODE_HOST_ENV
+    )
     assert (
         gpu["services"]["supernode"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"]
         == "nvidia"
@@ -161,9 +167,46 @@ def test_per_role_files_render(compose_cli: None) -> None:
     assert gpu["services"]["keys"]["image"] == gpu["services"]["supernode"]["image"]
 
 
+def _fedtune_services(cfg: dict) -> dict[str, dict]:
+    return {n: s for n, s in cfg["services"].items() if str(s.get("image", "")).startswith("fedtune/")}
+
+
+def test_only_the_fleet_proxy_is_published_and_operators_share_the_superlink_netns(compose_cli: None) -> None:
+    cfg = config("compose.yaml")
+    services = cfg["services"]
+    published = {(n, p["target"]) for n, s in services.items() for p in s.get("ports", [])}
+    assert {p for p in published if p[0] == "superlink"} == {("superlink", 8000)}  # the proxy, never 9000
+    for name in ("job", "register", "flwr"):
+        svc = services[name]
+        assert svc["network_mode"] == "service:superlink", name
+        assert svc["environment"]["FEDTUNE_CONTROL_ADDRESS"] == "127.0.0.1:9000", name
+    # SuperNodes dial the proxy; nothing else of theirs points at the SuperLink
+    assert services["supernode-0"]["environment"]["FEDTUNE_SUPERLINK"] == "superlink:8000"
+
+
+def test_every_fedtune_container_is_hardened(compose_cli: None) -> None:
+    files = [
+        (("compose.yaml",), {}),
+        (("compose.yaml", "docker/compose.gpu.yaml"), {}),
+        (("docker/compose.supernode.yaml",), SUPERNODE_HOST_ENV),
+    ]
+    for names, env in files:
+        services = _fedtune_services(config(*names, env=env))
+        assert services, names
+        for name, svc in services.items():
+            where = f"{names}: {name}"
+            assert svc.get("read_only") is True, where
+            assert svc.get("cap_drop") == ["ALL"], where
+            assert "no-new-privileges:true" in svc.get("security_opt", []), where
+            assert int(svc.get("mem_limit", 0)) > 0, where
+            assert any(t.split(":")[0] == "/tmp" for t in svc.get("tmpfs", [])), where
+    prometheus = config("compose.yaml")["services"]["prometheus"]
+    assert prometheus["read_only"] is True and prometheus["cap_drop"] == ["ALL"]
+
+
 def test_supernode_host_file_requires_its_settings(compose_cli: None) -> None:
     proc = run(
-        ["docker", "compose", "-f", "compose.supernode.yaml", "config"],
+        ["docker", "compose", "-f", "docker/compose.supernode.yaml", "config"],
         check=False,
         env={k: "" for k in SUPERNODE_HOST_ENV},
     )

@@ -12,8 +12,11 @@ two projects crosses the published port.
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -31,7 +34,7 @@ cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]
 default = "local"
 [superlink.local]
-address = "127.0.0.1:8000"
+address = "127.0.0.1:9000"
 root-certificates = "/certs/ca.crt"
 TOML
 flwr supernode ls local --format json
@@ -74,6 +77,20 @@ def wait_for_nodes(link: Project, count: int, timeout: float = 120) -> list[dict
     raise AssertionError(f"expected {count} online SuperNodes, have {nodes}")
 
 
+def public_status(port: int, ca: Path, method: str, path: str) -> int:
+    """HTTP status of one request to the SuperLink host's published port, as a SuperNode host sends it."""
+    context = ssl.create_default_context(cafile=str(ca))
+    request = urllib.request.Request(
+        f"https://127.0.0.1:{port}{path}", method=method, data=b"" if method == "POST" else None,
+        headers={"content-type": "application/protobuf"},
+    )
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+
+
 def node_public_key(node: Project) -> str:
     """Run the node host's one-shot key job; its output ends with the public key line to register."""
     out = node.compose("run", "--rm", "keys", timeout=300).stdout
@@ -91,7 +108,7 @@ def test_authenticated_supernode_joins_over_published_tls_port_others_are_refuse
     public_keys.mkdir()
     public_keys.chmod(0o755)
     link = project_factory(
-        [REPO / "compose.superlink.yaml"],
+        [REPO / "docker/compose.superlink.yaml"],
         {
             "FEDTUNE_EXTRA_SANS": PUBLIC_NAME,
             "FEDTUNE_SUPERLINK_BIND": "127.0.0.1",
@@ -105,6 +122,10 @@ def test_authenticated_supernode_joins_over_published_tls_port_others_are_refuse
     ca = tmp_path / "ca.crt"
     ca.write_text(link.compose("exec", "-T", "superlink", "cat", "/certs/ca.crt").stdout)
     assert "BEGIN CERTIFICATE" in ca.read_text()
+    # The published port is the Fleet-only proxy: Control and Runtime APIs are refused from outside.
+    assert public_status(port, ca, "GET", "/health") == 200
+    for path in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime/acquire-task"):
+        assert public_status(port, ca, "POST", path) == 403, path
     # The CA key never reaches the SuperLink container.
     files = link.compose("exec", "-T", "superlink", "ls", "/certs").stdout.split()
     assert sorted(files) == ["ca.crt", "server.key", "server.pem"]
@@ -115,7 +136,7 @@ def test_authenticated_supernode_joins_over_published_tls_port_others_are_refuse
         "FEDTUNE_PARTITION_ID": "0",
     }
     good = project_factory(
-        [REPO / "compose.supernode.yaml", supernode_override(tmp_path, "good", free_port())],
+        [REPO / "docker/compose.supernode.yaml", supernode_override(tmp_path, "good", free_port())],
         node_env,
     )
     # Node host: make the key pair, send the public key; SuperLink host: register it.
@@ -151,7 +172,7 @@ def test_authenticated_supernode_joins_over_published_tls_port_others_are_refuse
     refusing = {"FEDTUNE_MAX_RETRIES": "1", "FEDTUNE_RESTART": "no", "FEDTUNE_PARTITION_ID": "1"}
     # Right CA, but a key nobody registered (its own key job made it): the SuperLink refuses it.
     stranger = project_factory(
-        [REPO / "compose.supernode.yaml", supernode_override(tmp_path, "stranger", free_port())],
+        [REPO / "docker/compose.supernode.yaml", supernode_override(tmp_path, "stranger", free_port())],
         {**node_env, **refusing},
     )
     stranger.compose("up", "-d", timeout=300)
@@ -175,7 +196,7 @@ def test_authenticated_supernode_joins_over_published_tls_port_others_are_refuse
         timeout=60,
     )
     bad = project_factory(
-        [REPO / "compose.supernode.yaml", supernode_override(tmp_path, "bad", free_port())],
+        [REPO / "docker/compose.supernode.yaml", supernode_override(tmp_path, "bad", free_port())],
         {**node_env, **refusing, "FEDTUNE_CA_FILE": str(other / "ca.crt")},
     )
     bad.compose("up", "-d", timeout=300)

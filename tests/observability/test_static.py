@@ -105,12 +105,12 @@ def test_dashboard_covers_the_issue():
 def test_compose_and_helm_mount_these_files():
     helm_dashboard = REPO / "helm" / "fedtune" / "dashboards" / "fedtune.json"
     assert helm_dashboard.resolve() == DASHBOARD.resolve()
-    compose = yaml.safe_load((REPO / "compose.superlink.yaml").read_text())["services"]
-    assert "./monitoring/prometheus:/etc/prometheus:ro" in compose["prometheus"]["volumes"]
+    compose = yaml.safe_load((REPO / "docker/compose.superlink.yaml").read_text())["services"]
+    assert "../monitoring/prometheus:/etc/prometheus:ro" in compose["prometheus"]["volumes"]  # from docker/
     assert compose["superlink"]["environment"]["FEDTUNE_METRICS_PORT"] == "9400"
     targets = yaml.safe_load(PROM_CONFIG.read_text())["scrape_configs"][0]["static_configs"][0]["targets"]
     assert targets == ["superlink:9400"]
     grafana = compose["grafana"]["volumes"]
-    assert "./monitoring/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana
+    assert "../monitoring/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana
     provider = yaml.safe_load((REPO / "monitoring/grafana/provisioning/dashboards/fedtune.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
