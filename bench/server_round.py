@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     from fedtune.accounting import to_mb
     from fedtune.config import FedTuneConfig
     from fedtune.model import arrays_to_state, initial_adapter_state, state_to_arrays
-    from serverapp.results import RunResults
+    from fedtune.results import ResultsFile, RunResults
     from serverapp.strategy import FedTuneAvg
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         state = initial_adapter_state(cfg.model, cfg.train.seed)
         print(f"initial adapter (meta device): {time.perf_counter() - started:.2f} s")
-        records: list[dict] = []
-        strategy = FedTuneAvg(cfg, RunResults(Path(tmp) / "run", 1, cfg), observers=[records.append])
+        results = ResultsFile(Path(tmp) / "run", RunResults(run_id=1, config=cfg.to_dict()))
+        strategy = FedTuneAvg(cfg, results)
         arrays = state_to_arrays(state, "float32")
         rng = np.random.default_rng(0)
         for rnd in range(1, args.rounds + 1):
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
             t_aggregate_total = time.perf_counter() - t0
-            record = records[-1]
+            strategy.finish()  # the checkpoint is written in the background: wait for its figure
+            record = results.results.round(rnd)
             # FedAvg's weighted average alone, on the fp32 records the strategy averages
             fp32 = [
                 RecordDict(
@@ -92,11 +93,14 @@ def main(argv: list[str] | None = None) -> None:
             t_fedavg = time.perf_counter() - t0
             arrays = new_arrays
             print(
-                f"round {rnd} ({args.transport}): configure_train {t_configure:.2f} s | aggregate_train "
-                f"{t_aggregate_total:.2f} s = FedAvg {t_fedavg:.2f} s + checkpoints (latest + round) "
-                f"{record['checkpoint_seconds']:.2f} s + validation/conversion/results "
-                f"{t_aggregate_total - t_fedavg - record['checkpoint_seconds']:.2f} s | "
-                f"traffic {to_mb(record['bytes_total']):.2f} MB, budget {record['budget_mb']:.2f} MB"
+                f"round {rnd} ({args.transport}, {cfg.comm.transport}): "
+                f"configure_train {t_configure:.2f} s | "
+                f"aggregate_train {t_aggregate_total:.2f} s (its averaging {record.aggregate_seconds:.2f} s; "
+                f"Flower's FedAvg alone {t_fedavg:.2f} s) | checkpoints (latest + round, background) "
+                f"{record.checkpoint_seconds:.2f} s | "
+                f"traffic {to_mb(record.bytes_total):.2f} MB leaderboard, "
+                f"{to_mb(record.sent_bytes_down + record.sent_bytes_up):.2f} MB sent, "
+                f"budget {record.budget_mb:.2f} MB"
             )
         del torch
 

@@ -8,14 +8,16 @@ loaded; see docs/performance.md.
 from __future__ import annotations
 
 import logging
+import time
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clientapp import warm_client
-from clientapp.round import run_round
+from clientapp.round import NodeCache, run_round
 from fedtune.config import FedTuneConfig
 from fedtune.logs import configure_logging
+from fedtune.round_config import RoundConfig
 
 log = logging.getLogger("fedtune.clientapp")
 
@@ -24,13 +26,10 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started_at = time.time()
     cfg = FedTuneConfig.from_run_config(context.run_config)
-    round_config = msg.content["config"]
-    server_round = int(round_config["server-round"])
-    configure_logging(run_id=msg.metadata.run_id, round=server_round, node_id=context.node_id)
-    learning_rate = float(round_config["learning-rate"])
-    transport_dtype = str(round_config.get("transport-dtype", cfg.model.transport_dtype))
-
+    round_config = RoundConfig.from_config_record(msg.content["config"])
+    configure_logging(run_id=msg.metadata.run_id, round=round_config.server_round, node_id=context.node_id)
     node_config = dict(context.node_config)
     global_arrays: ArrayRecord = msg.content["arrays"]
 
@@ -38,20 +37,16 @@ def train(msg: Message, context: Context) -> Message:
     service = warm_client.socket_path(node_config)
     if service:  # a node-local warm trainer keeps the model loaded across rounds (docs/performance.md)
         result = warm_client.train_remote(
-            service, dict(context.run_config), node_config,
-            {
-                "server-round": server_round,
-                "learning-rate": learning_rate,
-                "transport-dtype": transport_dtype,
-            },
-            global_arrays,
+            service, dict(context.run_config), node_config, round_config.to_dict(), global_arrays
         )
     if result is None:
-        result = run_round(cfg, node_config, server_round, learning_rate, transport_dtype, global_arrays)
+        result = run_round(cfg, node_config, round_config, global_arrays, NodeCache())
     arrays, metrics, _ = result
     log.info(
         "round %d: loss %.4f over %d steps, %.1f tokens/s",
-        server_round, metrics["train-loss"], metrics["train-steps"], metrics["tokens-per-second"],
+        round_config.server_round, metrics["train-loss"], metrics["train-steps"],
+        metrics["tokens-per-second"],
     )
+    metrics = {**metrics, "at-clientapp-started": started_at, "at-replied": time.time()}
     reply = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(reply, reply_to=msg)

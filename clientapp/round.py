@@ -1,8 +1,11 @@
 """The body of one training round, shared by the in-process ClientApp and the node-local warm trainer
-(supernode/trainer_service.py), which keeps a `NodeCache` (model, tokenizer, data) across rounds.
+(clientapp/warm), which keeps its `NodeCache` (model, tokenizer, data) across rounds; the in-process
+ClientApp hands a fresh one (Flower starts a new process per message anyway).
 
-Every stage is timed; the timings go into the reply's metrics (`time-*`, seconds) so a run's results show
-where a SuperNode's round went.
+`run_round` reads like the FlowerTune template's train(): data -> model -> adapter in -> train -> adapter
+out -> metrics. Every stage is timed (`time-*`, seconds) and the steps a round's timeline needs are stamped
+with the node's wall clock (`at-adapter-in`, `at-trained`; the ClientApp adds `at-clientapp-started` and
+`at-replied`): fedtune.round_config lists the reply's metric keys, fedtune.results documents the timeline.
 """
 
 from __future__ import annotations
@@ -10,51 +13,27 @@ from __future__ import annotations
 import gc
 import json
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from clientapp.trainer import RoundOutcome, train_one_round
+from fedtune import packing
 from fedtune.config import FedTuneConfig
 from fedtune.dataset import load_node_dataset
 from fedtune.model import (
     adapter_state,
-    arrays_to_state,
     load_adapter_state,
     load_tokenizer,
     load_trainable_model,
     pick_device,
-    state_to_arrays,
 )
+from fedtune.round_config import RoundConfig
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
-
-
-@dataclass
-class NodeCache:
-    """What a long-lived trainer keeps between rounds."""
-
-    model_key: str | None = None
-    model: Any = None
-    tokenizer: Any = None
-    device: str = ""
-    data_key: str | None = None
-    trainset: Any = None
-    skipped: int = 0
-    prepared: dict[str, Any] = field(default_factory=dict)  # the tokenised dataset (trainer.py)
-
-    def drop_model(self) -> None:
-        self.model = self.tokenizer = None
-        self.model_key = None
-        self.prepared.clear()
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover - torch is always there where models load
-            pass
 
 
 # Settings a loaded model can switch between rounds (trainer.py applies them): not part of its identity.
@@ -73,6 +52,55 @@ def data_key(cfg: FedTuneConfig, node_config: dict[str, Any]) -> str:
     )
 
 
+@dataclass
+class NodeCache:
+    """What a node keeps between rounds: loaded on first use, reloaded when the run's settings change."""
+
+    model_key: str | None = None
+    model: Any = None
+    tokenizer: Any = None
+    device: str = ""
+    data_key: str | None = None
+    trainset: Any = None
+    skipped: int = 0
+    prepared: dict[str, Any] = field(default_factory=dict)  # the tokenised dataset (trainer.py)
+
+    def dataset(self, cfg: FedTuneConfig, node_config: dict[str, Any]) -> tuple[Any, int]:
+        key = data_key(cfg, node_config)
+        if self.data_key != key:
+            self.trainset, self.skipped = load_node_dataset(
+                cfg.dataset.name, node_config, cfg.dataset.num_partitions
+            )
+            self.data_key = key
+            self.prepared.clear()
+        return self.trainset, self.skipped
+
+    def model_for(self, cfg: FedTuneConfig) -> tuple[Any, Any, str]:
+        key = model_key(cfg)
+        if self.model_key != key:
+            self.drop_model()  # free the old model's memory before loading another
+            self.device = pick_device()
+            self.tokenizer = load_tokenizer(cfg.model)
+            self.model = load_trainable_model(cfg.model, self.device)
+            self.model_key = key
+        return self.model, self.tokenizer, self.device
+
+    def drop_model(self) -> None:
+        if self.model is None:
+            return
+        self.model = self.tokenizer = None
+        self.model_key = None
+        self.prepared.clear()
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is always there where models load
+            pass
+
+
 def _release_paged_optimizer_state() -> None:
     """bitsandbytes' paged optimizers register their state buffers in a global list that is never emptied;
     a process that trains many rounds must drop them once a round's optimizer is gone."""
@@ -83,14 +111,35 @@ def _release_paged_optimizer_state() -> None:
     GlobalPageManager.get_instance().paged_tensors.clear()
 
 
+# ---- adapter in / out: the wire form is fedtune/packing.py's -----------------------------------------
+
+
+def adapter_in(model: Any, record: ArrayRecord) -> None:
+    """Load the round's global adapter (packed or per-tensor, fp32 or bf16 bits) into the model."""
+    import torch
+
+    values = packing.decode(packing.unpack(record).arrays)
+    # copies: the arrays are views into one received buffer, and the model keeps what it is given
+    load_adapter_state(
+        model, OrderedDict((k, torch.from_numpy(np.array(v, dtype=np.float32))) for k, v in values.items())
+    )
+
+
+def adapter_out(model: Any, round_config: RoundConfig) -> ArrayRecord:
+    """The trained adapter in the round's transport dtype and form (packed or per-tensor)."""
+    wire = packing.encode(adapter_state(model), round_config.transport_dtype)
+    return packing.to_record(wire, round_config.transport)
+
+
+# ---- the round ------------------------------------------------------------------------------------------
+
+
 def run_round(
     cfg: FedTuneConfig,
     node_config: dict[str, Any],
-    server_round: int,
-    learning_rate: float,
-    transport_dtype: str,
+    round_config: RoundConfig,
     global_arrays: ArrayRecord,
-    cache: NodeCache | None = None,
+    cache: NodeCache,
 ) -> tuple[ArrayRecord, dict[str, int | float], RoundOutcome]:
     """Train the global adapter on this node's data; return the update, the reply's metrics and the
     round's details (loss history, step times)."""
@@ -100,34 +149,18 @@ def run_round(
     def lap(name: str) -> None:
         nonlocal mark
         now = time.perf_counter()
-        timings[name] = now - mark
+        timings[f"time-{name}"] = now - mark
         mark = now
 
-    dkey = data_key(cfg, node_config)
-    if cache is not None and cache.data_key == dkey:
-        trainset, skipped = cache.trainset, cache.skipped
-    else:
-        trainset, skipped = load_node_dataset(cfg.dataset.name, node_config, cfg.dataset.num_partitions)
-        if cache is not None:
-            cache.data_key, cache.trainset, cache.skipped = dkey, trainset, skipped
-            cache.prepared.clear()
-    lap("time-data")
+    trainset, skipped = cache.dataset(cfg, node_config)
+    lap("data")
 
-    mkey = model_key(cfg)
-    if cache is not None and cache.model_key == mkey:
-        model, tokenizer, device = cache.model, cache.tokenizer, cache.device
-    else:
-        if cache is not None:
-            cache.drop_model()  # free the old model's memory before loading another
-        device = pick_device()
-        tokenizer = load_tokenizer(cfg.model)
-        model = load_trainable_model(cfg.model, device)
-        if cache is not None:
-            cache.model_key, cache.model, cache.tokenizer, cache.device = mkey, model, tokenizer, device
-    lap("time-model-load")
+    model, tokenizer, device = cache.model_for(cfg)
+    lap("model-load")
 
-    load_adapter_state(model, arrays_to_state(global_arrays))
-    lap("time-adapter-in")
+    adapter_in(model, global_arrays)
+    adapter_in_at = time.time()
+    lap("adapter-in")
 
     try:
         outcome = train_one_round(
@@ -135,21 +168,21 @@ def run_round(
             tokenizer,
             trainset,
             cfg.train,
-            learning_rate,
+            round_config.learning_rate,
             device,
             cfg.model.gradient_checkpointing,
             cfg.model.gradient_checkpointing_every,
-            prepared=cache.prepared if cache is not None else None,
+            prepared=cache.prepared,
         )
     finally:
-        if cache is not None:
-            _release_paged_optimizer_state()
+        _release_paged_optimizer_state()
+    trained_at = time.time()
     mark = time.perf_counter()
     timings["time-trainer-setup"] = outcome.setup_seconds
     timings["time-train"] = outcome.seconds
 
-    arrays = state_to_arrays(adapter_state(model), transport_dtype)
-    lap("time-adapter-out")
+    arrays = adapter_out(model, round_config)
+    lap("adapter-out")
 
     metrics: dict[str, int | float] = {
         "num-examples": len(trainset),
@@ -162,5 +195,7 @@ def run_round(
         "skipped-rows": skipped,
         "partition-id": int(node_config.get("partition-id", -1)),
         **timings,
+        "at-adapter-in": adapter_in_at,
+        "at-trained": trained_at,
     }
     return arrays, metrics, outcome

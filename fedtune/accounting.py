@@ -1,7 +1,10 @@
 """Communication accounting, as the FlowerTune leaderboard counts it.
 
-A message's cost is `ArrayRecord.count_bytes()`: Σ over arrays of (serialised .npy bytes + key bytes).
-The budget is the sum over every adapter message in both directions, reported in MB = bytes / 1024².
+A message's cost is `ArrayRecord.count_bytes()` of its per-tensor record: Σ over tensors of (serialised .npy
+bytes + key bytes), computed from shapes and dtypes alone (`fedtune.packing.leaderboard_bytes`) whatever form
+the adapter actually travels in. The budget is the sum over every adapter message in both directions,
+reported in MB = bytes / 1024². Beside it the ledger keeps the bytes actually sent (`count_bytes()` of the
+record on the wire: the packed form is a few arrays and a manifest).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ def to_mb(num_bytes: int) -> float:
 
 @dataclass
 class NodeTraffic:
-    down_bytes: int = 0  # server → node (global adapter)
-    up_bytes: int = 0  # node → server (local update)
+    down_bytes: int = 0  # server → node (global adapter), leaderboard bytes
+    up_bytes: int = 0  # node → server (local update), leaderboard bytes
+    down_sent_bytes: int = 0  # count_bytes() of the record actually sent
+    up_sent_bytes: int = 0
 
 
 @dataclass
@@ -42,6 +47,14 @@ class RoundTraffic:
     def total_bytes(self) -> int:
         return self.down_bytes + self.up_bytes
 
+    @property
+    def sent_down_bytes(self) -> int:
+        return sum(n.down_sent_bytes for n in self.nodes.values())
+
+    @property
+    def sent_up_bytes(self) -> int:
+        return sum(n.up_sent_bytes for n in self.nodes.values())
+
 
 @dataclass
 class CommLedger:
@@ -49,15 +62,30 @@ class CommLedger:
 
     rounds: dict[int, RoundTraffic] = field(default_factory=dict)
     carried_bytes: int = 0  # bytes of rounds done before a resume
+    carried_sent_bytes: int = 0
 
     def round(self, server_round: int) -> RoundTraffic:
         return self.rounds.setdefault(server_round, RoundTraffic(server_round))
 
-    def record_down(self, server_round: int, node_id: int, num_bytes: int) -> None:
-        self.round(server_round).node(node_id).down_bytes += num_bytes
+    def record_down(
+        self, server_round: int, node_id: int, num_bytes: int, sent_bytes: int | None = None
+    ) -> None:
+        node = self.round(server_round).node(node_id)
+        node.down_bytes += num_bytes
+        node.down_sent_bytes += num_bytes if sent_bytes is None else sent_bytes
 
-    def record_up(self, server_round: int, node_id: int, num_bytes: int) -> None:
-        self.round(server_round).node(node_id).up_bytes += num_bytes
+    def record_up(
+        self, server_round: int, node_id: int, num_bytes: int, sent_bytes: int | None = None
+    ) -> None:
+        node = self.round(server_round).node(node_id)
+        node.up_bytes += num_bytes
+        node.up_sent_bytes += num_bytes if sent_bytes is None else sent_bytes
+
+    @property
+    def total_sent_bytes(self) -> int:
+        return self.carried_sent_bytes + sum(
+            r.sent_down_bytes + r.sent_up_bytes for r in self.rounds.values()
+        )
 
     @property
     def total_bytes(self) -> int:

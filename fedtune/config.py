@@ -16,6 +16,8 @@ from fedtune.errors import FedTuneError
 
 QUANTIZATION_BITS = (0, 4, 8)  # 0 = no quantization (bf16/fp32 base)
 TRANSPORT_DTYPES = ("float32", "bfloat16")
+# how the adapter crosses every hop (fedtune/packing.py): a few large arrays + manifest, or one per tensor
+TRANSPORTS = ("packed", "per-tensor")
 LEADERBOARD_BUDGET_LIMIT_MB = 200_000.0
 
 
@@ -74,6 +76,10 @@ class StrategySettings:
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     round_timeout: float = 3600.0
+    # a reply claiming more training examples is refused (FedAvg weights by it; serverapp/validation.py)
+    max_num_examples: int = 1_000_000
+    # a reply further than this x max(||global||, 1) from the global adapter is refused
+    max_update_ratio: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -83,12 +89,18 @@ class DatasetSettings:
 
 
 @dataclass(frozen=True)
+class CommSettings:
+    transport: str = "packed"
+
+
+@dataclass(frozen=True)
 class FedTuneConfig:
     num_server_rounds: int = 10
     strategy: StrategySettings = field(default_factory=StrategySettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
+    comm: CommSettings = field(default_factory=CommSettings)
     output_dir: str = "outputs"
     budget_limit_mb: float = LEADERBOARD_BUDGET_LIMIT_MB
     resume_from: str = ""
@@ -125,6 +137,10 @@ def _fraction(v: Any) -> bool:
     return 0.0 <= v <= 1.0
 
 
+def _positive_fraction(v: Any) -> bool:
+    return 0.0 < v <= 1.0
+
+
 def _csv_names(value: Any) -> tuple[str, ...]:
     names = tuple(s.strip() for s in str(value).split(",") if s.strip())
     if not names:
@@ -144,11 +160,16 @@ class _Key:
 # run-config key -> destination, type and rule. The keys are the FlowerTune template's names.
 KEYS: dict[str, _Key] = {
     "num-server-rounds": _Key(("num_server_rounds",), int, _positive, "> 0"),
-    "strategy.fraction-train": _Key(("strategy", "fraction_train"), float, _fraction, "in [0, 1]"),
+    # 0 would sample no node and silently train nothing
+    "strategy.fraction-train": _Key(
+        ("strategy", "fraction_train"), float, _positive_fraction, "in (0, 1] (0 trains no node)"
+    ),
     "strategy.fraction-evaluate": _Key(("strategy", "fraction_evaluate"), float, _fraction, "in [0, 1]"),
     "strategy.min-train-nodes": _Key(("strategy", "min_train_nodes"), int, _positive, "> 0"),
     "strategy.min-available-nodes": _Key(("strategy", "min_available_nodes"), int, _positive, "> 0"),
     "strategy.round-timeout": _Key(("strategy", "round_timeout"), float, _positive, "> 0 seconds"),
+    "strategy.max-num-examples": _Key(("strategy", "max_num_examples"), int, _positive, "> 0"),
+    "strategy.max-update-ratio": _Key(("strategy", "max_update_ratio"), float, _positive, "> 0"),
     "model.name": _Key(("model", "name"), str, bool, "a model id or folder"),
     "model.trust-remote-code": _Key(("model", "trust_remote_code"), bool),
     "model.quantization": _Key(
@@ -191,6 +212,9 @@ KEYS: dict[str, _Key] = {
     "train.upcast-non-quantized": _Key(("train", "upcast_non_quantized"), bool),
     "output.dir": _Key(("output_dir",), str, bool, "a folder"),
     "comm.budget-limit-mb": _Key(("budget_limit_mb",), float, _positive, "> 0"),
+    "comm.transport": _Key(
+        ("comm", "transport"), str, lambda v: v in TRANSPORTS, f"one of {TRANSPORTS}"
+    ),
     "resume.from": _Key(("resume_from",), str),
     "static.dataset.name": _Key(("dataset", "name"), str, bool, "a dataset id, file or folder"),
     "static.num-partitions": _Key(("dataset", "num_partitions"), int, _positive, "> 0"),
@@ -244,11 +268,12 @@ def parse_run_config(run_config: Mapping[str, Any]) -> FedTuneConfig:
     model_tree = tree.get("model", {})
     lora = LoraSettings(**model_tree.pop("lora", {}))
     cfg = FedTuneConfig(
-        **{k: v for k, v in tree.items() if k not in {"strategy", "model", "train", "dataset"}},
+        **{k: v for k, v in tree.items() if k not in {"strategy", "model", "train", "dataset", "comm"}},
         strategy=section(StrategySettings, "strategy"),
         model=ModelSettings(**model_tree, lora=lora),
         train=section(TrainSettings, "train"),
         dataset=section(DatasetSettings, "dataset"),
+        comm=section(CommSettings, "comm"),
     )
     _check_relations(cfg)
     return cfg

@@ -16,7 +16,7 @@ from typing import Any
 
 from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.federation import CONNECTION, LocalFederation
-from serverapp.results import RESULTS_FILE, read_results
+from fedtune.results import RESULTS_FILE, RunResults
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PROFILE = REPO / "profiles" / "demo.toml"
@@ -73,7 +73,7 @@ def run_demo(workdir: Path, profile: Path, overrides: list[str]) -> dict[str, An
         results_path = fed.run_dir(run_id) / RESULTS_FILE
         if not results_path.is_file():
             raise FedTuneError(f"the run wrote no {results_path}")
-        results = read_results(results_path)
+        results = RunResults.read(results_path).to_json()
         print()
         print(round_table(results))
         print(f"status: {info['status']}; global adapter: {results.get('final_adapter')}")

@@ -13,13 +13,13 @@ Layout (`RunResults.to_json()`):
     rounds: [RoundRecord]
 
 RoundRecord: round, learning_rate, sampled / replied / failed (node ids), rejected ({node id: reason}),
-rejections ({reason: count}), aggregated, train_loss, bytes_down / bytes_up / bytes_total / mb_total
-(leaderboard bytes of this round), sent_bytes_down / sent_bytes_up (actually sent), budget_bytes /
-budget_mb (cumulative), duration_seconds (round start to results written; the checkpoint is written in the
-background and not part of it), aggregate_seconds, checkpoint (folder of the every-N-rounds checkpoint or
-null), checkpoint_seconds (time the writer thread took for `latest/` and that checkpoint),
-checkpoint_written_at (epoch seconds, null until the writer finished), timeline,
-nodes ({node id: NodeRecord}).
+rejections ({reason: count}), aggregated, aggregate_rejection, train_loss,
+bytes_down / bytes_up / bytes_total / mb_total (leaderboard bytes of this round),
+sent_bytes_down / sent_bytes_up (bytes actually sent), budget_bytes / budget_mb (cumulative),
+duration_seconds (round start to results written; the checkpoint is written in the background and is not
+part of it), aggregate_seconds, checkpoint (folder of the every-N-rounds checkpoint or null),
+checkpoint_seconds (time the writer thread took for `latest/` and that checkpoint), checkpoint_written_at
+(epoch seconds, null until the writer finished), timeline, nodes ({node id: NodeRecord}).
 
 RoundTimeline (ServerApp wall clock, `time.time()` epoch seconds; null = not reached):
     started        configure_train entered
@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.accounting import REFERENCE_BUDGET_MB, to_mb
+from fedtune.atomic import write_text
 
 RESULTS_FILE = "results.json"
 SCHEMA_VERSION = 2
@@ -122,6 +122,7 @@ class RoundRecord:
     rejected: dict[str, str] = field(default_factory=dict)  # node id -> reason
     rejections: dict[str, int] = field(default_factory=dict)  # reason -> count
     aggregated: bool = False
+    aggregate_rejection: str | None = None  # "aggregate-non-finite": the average was refused
     train_loss: float | None = None
     bytes_down: int = 0
     bytes_up: int = 0
@@ -280,26 +281,4 @@ class ResultsFile:
 
     def write(self) -> None:
         with self._lock:
-            write_text_atomic(self.path, self.results.dumps())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text`: readers see the old file or the new one, never a part; after return
-    the new content and its directory entry are on disk (fsync)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            write_text(self.path, self.results.dumps())

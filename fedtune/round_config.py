@@ -9,17 +9,16 @@ key Flower's FedAvg itself writes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from fedtune.config import TRANSPORT_DTYPES, TRANSPORTS
 from fedtune.errors import FedTuneError
 
 if TYPE_CHECKING:
     from flwr.app import ConfigRecord
 
-TRANSPORTS = ("packed", "per-tensor")
-TRANSPORT_DTYPES = ("float32", "bfloat16")
-DEFAULT_CODEC = "none"  # issue 18's codecs plug in here; "none" = raw arrays in the transport dtype
+CODEC_PREFIX = "codec-"  # issue 18 (fedtune/codecs): its CodecSpec.to_config() keys ride along untouched
 
 # The reply (ClientApp -> ServerApp): RecordDict {"arrays": ArrayRecord, "metrics": MetricRecord} and nothing
 # else. Its metric keys are a closed set of finite scalars: REQUIRED ones must be there, the others may be;
@@ -46,7 +45,8 @@ class RoundConfig:
     learning_rate: float
     transport_dtype: str = "float32"  # dtype of adapter arrays on the wire (both directions)
     transport: str = "packed"  # how the adapter crosses the hops: fedtune.packing (both directions)
-    codec: str = DEFAULT_CODEC
+    # the codec's settings (`codec-*` keys, fedtune.codecs.CodecSpec.to_config()); empty = no codec
+    codec: dict[str, Any] = field(default_factory=dict)
     sent_at: float = 0.0  # the ServerApp's wall clock (time.time()) when it built the message
 
     def __post_init__(self) -> None:
@@ -62,15 +62,21 @@ class RoundConfig:
             )
         if self.transport not in TRANSPORTS:
             raise FedTuneError(f"round config transport={self.transport!r}: must be one of {TRANSPORTS}")
+        stray = [k for k in self.codec if not k.startswith(CODEC_PREFIX)]
+        if stray:
+            raise FedTuneError(f"round config: codec key {stray[0]!r} must start with {CODEC_PREFIX!r}")
 
     # ---- wire form -------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {_wire(f.name): getattr(self, f.name) for f in fields(self)}
+        values = {_wire(f.name): getattr(self, f.name) for f in fields(self) if f.name != "codec"}
+        return {**values, **self.codec}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RoundConfig:
-        known = {_wire(f.name): f for f in fields(cls)}
+        known = {_wire(f.name): f for f in fields(cls) if f.name != "codec"}
+        codec = {k: v for k, v in values.items() if k.startswith(CODEC_PREFIX)}
+        values = {k: v for k, v in values.items() if k not in codec}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise FedTuneError(
@@ -79,7 +85,7 @@ class RoundConfig:
         missing = [k for k in ("server-round", "learning-rate") if k not in values]
         if missing:
             raise FedTuneError(f"round config: missing key {missing[0]!r}")
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"codec": codec}
         for key, value in values.items():
             field = known[key]
             try:
@@ -125,6 +131,5 @@ _COERCE = {
     "learning_rate": _float,
     "transport_dtype": _str,
     "transport": _str,
-    "codec": _str,
     "sent_at": _float,
 }

@@ -13,15 +13,16 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.accounting import CommLedger
-from fedtune.checkpoint import load_adapter, save_adapter
+from fedtune.accounting import CommLedger, to_mb
+from fedtune.checkpoint import load_adapter, read_round, resolve_checkpoint, save_adapter
 from fedtune.config import FedTuneConfig
 from fedtune.errors import FedTuneError
 from fedtune.exporter import results_notifier
 from fedtune.logs import bind_round, configure_logging
 from fedtune.model import arrays_to_state, initial_adapter_state, state_to_arrays
-from serverapp.results import RESULTS_FILE, RunResults, read_results
+from fedtune.results import RESULTS_FILE, ResultsFile, RunResults
 from serverapp.strategy import FedTuneAvg, RoundObserver, run_dir_for
+from serverapp.timed_grid import TimedGrid
 
 log = logging.getLogger("fedtune.serverapp")
 
@@ -33,18 +34,26 @@ app = ServerApp()
 ROUND_OBSERVERS: list[RoundObserver] = []
 
 
-def _resume_point(resume_from: str) -> tuple[dict, Path]:
-    """Previous run's results and its latest global adapter."""
+def _resume_point(resume_from: str) -> tuple[RunResults, Path]:
+    """Previous run's results, cut back to the round its latest complete checkpoint holds, and that
+    checkpoint. (results.json may list one round more: its checkpoint is written after the record.)"""
     run_dir = Path(resume_from).expanduser()
     if run_dir.is_file():
         run_dir = run_dir.parent
     results_path = run_dir / RESULTS_FILE
     if not results_path.is_file():
         raise FedTuneError(f"resume.from: no {RESULTS_FILE} in {run_dir}")
-    previous = read_results(results_path)
-    latest = run_dir / "latest"
-    if not previous.get("rounds") or not (latest / "adapter_model.safetensors").is_file():
+    previous = RunResults.read(results_path)
+    latest = resolve_checkpoint(run_dir / "latest")
+    if not previous.rounds or latest is None:
         raise FedTuneError(f"resume.from: {run_dir} finished no round; start a new run instead")
+    done = int(read_round(latest)["round"])
+    previous.rounds = [r for r in previous.rounds if r.round <= done]
+    if not previous.rounds or previous.rounds[-1].round != done:
+        raise FedTuneError(f"resume.from: {latest} holds round {done}, which {RESULTS_FILE} does not list")
+    last = previous.rounds[-1]
+    previous.budget_bytes = last.budget_bytes
+    previous.sent_bytes = sum(r.sent_bytes_down + r.sent_bytes_up for r in previous.rounds)
     return previous, latest
 
 
@@ -53,20 +62,31 @@ def main(grid: Grid, context: Context) -> None:
     configure_logging(run_id=context.run_id)
     cfg = FedTuneConfig.from_run_config(context.run_config)
     run_dir = run_dir_for(cfg, context.run_id, os.environ.get(OUTPUT_DIR_ENV))
-    results = RunResults(run_dir, context.run_id, cfg)
+    results = ResultsFile(
+        run_dir,
+        RunResults(
+            run_id=context.run_id,
+            config=cfg.to_dict(),
+            transport=cfg.comm.transport,
+            transport_dtype=cfg.model.transport_dtype,
+            budget_limit_mb=cfg.budget_limit_mb,
+        ),
+    )
     ledger = CommLedger()
+    strategy: FedTuneAvg | None = None
     first_round = 1
 
     try:
         if cfg.resume_from:
             previous, latest = _resume_point(cfg.resume_from)
             state = load_adapter(latest)
-            first_round = int(previous["rounds"][-1]["round"]) + 1
-            ledger.carried_bytes = int(previous.get("budget_bytes", 0))
+            first_round = previous.last_round + 1
+            ledger.carried_bytes = previous.budget_bytes
+            ledger.carried_sent_bytes = previous.sent_bytes
             results.carry_over(previous)
             log.info(
-                "resuming run %s at round %d (budget so far %.2f MB)",
-                previous.get("run_id"), first_round, previous.get("budget_mb", 0.0),
+                "resuming run %s at round %d from %s (budget so far %.2f MB)",
+                previous.run_id, first_round, latest, to_mb(previous.budget_bytes),
             )
         else:
             state = initial_adapter_state(cfg.model, cfg.train.seed)
@@ -74,19 +94,21 @@ def main(grid: Grid, context: Context) -> None:
         remaining = cfg.num_server_rounds - first_round + 1
 
         observers = [*ROUND_OBSERVERS, results_notifier(results.path)]  # the metrics exporter
-        strategy = bind_round(FedTuneAvg(cfg, results, first_round, ledger, observers))
+        strategy = FedTuneAvg(cfg, results, first_round, ledger, observers)
+        bind_round(strategy)
         final_state = state
         if remaining > 0:
             result = strategy.start(
-                grid=grid,
+                grid=TimedGrid(grid),
                 initial_arrays=state_to_arrays(state, "float32"),
                 num_rounds=remaining,
                 timeout=cfg.strategy.round_timeout,
                 train_config=ConfigRecord(),
             )
+            strategy.finish()  # the last round's checkpoint is on disk
             if result.arrays is not None:
                 final_state = arrays_to_state(result.arrays)
-            if not any(r.get("aggregated") for r in results.payload["rounds"] if r["round"] >= first_round):
+            if not any(r.aggregated for r in results.results.rounds if r.round >= first_round):
                 # not a silent "completed" with the adapter we started from
                 raise FedTuneError(
                     f"no update was aggregated in rounds {first_round}..{cfg.num_server_rounds}: every "
@@ -99,8 +121,13 @@ def main(grid: Grid, context: Context) -> None:
         results.finish("completed", final)
         log.info(
             "run %s completed: adapter %s, communication budget %.2f MB",
-            context.run_id, final, results.payload["budget_mb"],
+            context.run_id, final, results.results.budget_mb,
         )
     except BaseException as err:
+        if strategy is not None:
+            try:  # a round's checkpoint in flight still lands, so a resume loses nothing finished
+                strategy.finish()
+            except Exception as write_error:  # the run's own error is the one to raise
+                log.error("checkpoint write failed too: %s", write_error)
         results.finish("failed", error=f"{type(err).__name__}: {err}")
         raise

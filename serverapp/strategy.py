@@ -1,36 +1,57 @@
 """FedTuneAvg: Flower's FedAvg, extended with what a real federation needs around each round:
-per-round learning rate, adapter transport dtype, exact byte accounting, rejection of bad updates,
-checkpoints and a results file that is rewritten after every round."""
+per-round learning rate, the packed transport, exact byte accounting, rejection of bad updates,
+checkpoints written in the background and a results file rewritten after every round.
+
+A round: configure_train (encode + pack the global once for every node) -> Flower pushes and pulls
+(serverapp/timed_grid.py stamps both) -> aggregate_train (unpack and validate each reply on its real data,
+average the accepted ones in float32 in place, check the result is finite) -> results.json -> the
+checkpoint writer thread saves `latest/` (and every N rounds a numbered copy) while the next round runs.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedtune import packing
 from fedtune.accounting import CommLedger, to_mb
-from fedtune.checkpoint import save_adapter
+from fedtune.checkpoint import CheckpointJob, CheckpointWriter
 from fedtune.config import FedTuneConfig
-from fedtune.model import arrays_to_state, state_to_arrays
-from serverapp.results import RunResults
-from serverapp.validation import rejection_reason
+from fedtune.results import NodeRecord, ResultsFile, RoundRecord, RoundTimeline, RunResults
+from fedtune.round_config import REPLY_TRAIN_METRICS, RoundConfig
+from serverapp.timed_grid import Exchange
+from serverapp.validation import (
+    WEIGHT_KEY,
+    Checked,
+    Expected,
+    aggregate_is_finite,
+    check_reply,
+    weight_outliers,
+)
 
 log = logging.getLogger("fedtune.strategy")
 
-RoundObserver = Callable[[dict[str, Any]], None]
-# Per-node metrics from the reply that go into results.json (and the metrics exporter).
-NODE_METRICS = (
-    "num-examples", "train-loss", "train-steps", "train-seconds", "train-tokens",
-    "tokens-per-second", "peak-memory-bytes", "skipped-rows", "partition-id",
-)
-# An update may be at most this much larger than the global adapter before it is refused.
-OVERSIZE_FACTOR = 1.10
+RoundObserver = Callable[[RoundRecord], None]
+State = dict[str, np.ndarray]
+# reply metric -> NodeRecord field
+_NODE_FIELDS = {key: key.replace("-", "_") for key in REPLY_TRAIN_METRICS}
+_INT_FIELDS = {"partition_id", "train_steps", "train_tokens", "peak_memory_bytes", "skipped_rows"}
+_STAMPS = {
+    "at-clientapp-started": "clientapp_started",
+    "at-adapter-in": "adapter_in",
+    "at-trained": "trained",
+    "at-replied": "clientapp_replied",
+}
+# averaged (weighted by examples) into the round's train metrics; num-examples is summed
+_AVERAGED = tuple(k for k in REPLY_TRAIN_METRICS if k not in (WEIGHT_KEY, "partition-id"))
 
 
 class FedTuneAvg(FedAvg):
@@ -39,7 +60,7 @@ class FedTuneAvg(FedAvg):
     def __init__(
         self,
         cfg: FedTuneConfig,
-        results: RunResults,
+        results: ResultsFile,
         first_round: int = 1,
         ledger: CommLedger | None = None,
         observers: Iterable[RoundObserver] = (),
@@ -51,62 +72,86 @@ class FedTuneAvg(FedAvg):
             min_train_nodes=strategy.min_train_nodes,
             min_evaluate_nodes=0 if strategy.fraction_evaluate == 0 else strategy.min_train_nodes,
             min_available_nodes=strategy.min_available_nodes,
-            weighted_by_key="num-examples",
+            weighted_by_key=WEIGHT_KEY,
         )
         self.cfg = cfg
         self.results = results
         self.ledger = ledger or CommLedger()
         self.round_offset = first_round - 1  # rounds already done before a resume
         self.observers = list(observers)
-        self._global: ArrayRecord | None = None
-        self._round_started: dict[int, float] = {}
+        self.writer = CheckpointWriter(cfg.model, self._checkpoint_written)
+        self._last: tuple[ArrayRecord, State] | None = None  # the record we returned, and its arrays
+        self._global: State = {}
+        self._expected: Expected | None = None
+        self._grid: Grid | None = None
+        self._started: dict[int, tuple[float, float]] = {}  # round -> (time.time(), monotonic)
         self._sampled: dict[int, list[int]] = {}
 
     # Flower counts rounds from 1 in every `start`; a resumed run continues the global count.
     def global_round(self, server_round: int) -> int:
         return server_round + self.round_offset
 
+    # ---- out -------------------------------------------------------------------------------------------
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         current = self.global_round(server_round)
-        self._round_started[current] = time.monotonic()
-        self._global = arrays
-        config["learning-rate"] = self.cfg.learning_rate(current)
-        config["transport-dtype"] = self.cfg.model.transport_dtype
-        outgoing = self._for_transport(arrays)
-        messages = list(super().configure_train(current, outgoing, config, grid))
+        self._started[current] = (time.time(), time.monotonic())
+        self._grid = grid
+        self._global = self._state_of(arrays)
+        transport, dtype = self.cfg.comm.transport, self.cfg.model.transport_dtype
+        wire = packing.encode(self._global, dtype)  # float32: the same arrays, no copy
+        leaderboard = packing.leaderboard_bytes(packing.specs_of(wire))
+        outgoing = packing.to_record(wire, transport)
+        sent = outgoing.count_bytes()
+        # the reply may come packed or per-tensor: the oversize bound of each form needs the packed size
+        packed_bytes = sent if transport == "packed" else packing.pack(wire).count_bytes()
+        self._expected = Expected.for_round(
+            self._global, wire, packed_bytes,
+            self.cfg.strategy.max_num_examples, self.cfg.strategy.max_update_ratio,
+        )
+        round_config = RoundConfig(
+            server_round=current,
+            learning_rate=self.cfg.learning_rate(current),
+            transport_dtype=dtype,
+            transport=transport,
+            sent_at=time.time(),
+        )
+        content = ConfigRecord({**dict(config), **round_config.to_dict()})
+        messages = list(super().configure_train(current, outgoing, content, grid))
         self._sampled[current] = [m.metadata.dst_node_id for m in messages]
         for message in messages:
-            self.ledger.record_down(
-                current, message.metadata.dst_node_id, message.content["arrays"].count_bytes()
-            )
+            self.ledger.record_down(current, message.metadata.dst_node_id, leaderboard, sent)
         log.info(
-            "round %d: sent the global adapter to %d nodes (lr %.3g, %.2f MB each)",
-            current, len(messages), config["learning-rate"],
-            to_mb(outgoing.count_bytes()),
+            "round %d: sending the global adapter to %d nodes (lr %.3g, %s: %d arrays, %.2f MB sent, "
+            "%.2f MB leaderboard each)",
+            current, len(messages), round_config.learning_rate, transport, len(outgoing),
+            to_mb(sent), to_mb(leaderboard),
         )
         return messages
 
-    def _for_transport(self, arrays: ArrayRecord) -> ArrayRecord:
-        if self.cfg.model.transport_dtype == "float32":
-            return arrays
-        return state_to_arrays(arrays_to_state(arrays), self.cfg.model.transport_dtype)
+    def _state_of(self, arrays: ArrayRecord) -> State:
+        """The global adapter as float32 arrays: ours from the last aggregation, or decoded."""
+        if self._last is not None and arrays is self._last[0]:
+            return self._last[1]
+        decoded = packing.decode(packing.unpack(arrays).arrays)
+        return {k: np.array(v, dtype=np.float32) for k, v in decoded.items()}
+
+    # ---- in ---------------------------------------------------------------------------------------------
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         current = self.global_round(server_round)
         replies = list(replies)
-        assert self._global is not None, "configure_train runs before aggregate_train"
-        reference = self._for_transport(self._global)
-        max_bytes = int(reference.count_bytes() * OVERSIZE_FACTOR)
-
-        accepted: list[Message] = []
-        failed: list[int] = []
-        rejected: dict[int, str] = {}
-        nodes: dict[int, dict[str, Any]] = {}
+        got_all = time.time()
+        assert self._expected is not None, "configure_train runs before aggregate_train"
+        exchange = getattr(self._grid, "last_exchange", None) or Exchange()
         sampled = self._sampled.get(current, [])
+
+        checked: dict[int, Checked] = {}
+        failed: list[int] = []
         lost_reasons: list[str] = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
@@ -117,112 +162,202 @@ class FedTuneAvg(FedAvg):
                 else:  # the SuperLink answers (as node 1) for a node it lost: attributed below
                     lost_reasons.append(reply.error.reason)
                 continue
-            if "arrays" in reply.content.array_records:
-                self.ledger.record_up(current, node_id, reply.content["arrays"].count_bytes())
-            reason = rejection_reason(
-                reply.content, reference, self.cfg.model.transport_dtype,
-                self.weighted_by_key, max_bytes,
+            result = checked[node_id] = check_reply(reply.content, self._expected)
+            arrays = reply.content.array_records.get("arrays")
+            self.ledger.record_up(
+                current, node_id, result.leaderboard_bytes, arrays.count_bytes() if arrays else 0
             )
-            metrics = reply.content.metric_records.get("metrics")
-            nodes[node_id] = {
-                k: metrics[k] for k in NODE_METRICS if metrics is not None and k in metrics
-            }
-            if reason is not None:
-                rejected[node_id] = reason
-                log.warning("round %d: rejected the update of node %d: %s", current, node_id, reason)
-                continue
-            if self.cfg.model.transport_dtype != "float32":
-                # Aggregate in float32 whatever the wire carried.
-                reply.content["arrays"] = state_to_arrays(
-                    arrays_to_state(reply.content["arrays"]), "float32"
-                )
-            accepted.append(reply)
+        weights = {n: c.num_examples for n, c in checked.items() if c.reason is None}
+        for node_id, reason in weight_outliers(weights).items():
+            checked[node_id].reason = reason
+        rejected = {n: c.reason for n, c in checked.items() if c.reason is not None}
+        for node_id, reason in rejected.items():
+            log.warning("round %d: rejected the update of node %d: %s", current, node_id, reason)
 
         # sampled nodes with no reply of their own: lost (heartbeat timeout) or silent past round-timeout
-        answered = {reply.metadata.src_node_id for reply in replies}
-        for node_id in sorted(set(sampled) - answered):
+        for node_id in sorted(set(sampled) - {r.metadata.src_node_id for r in replies}):
             failed.append(node_id)
             reason = lost_reasons.pop(0) if lost_reasons else "no reply within strategy.round-timeout"
             log.warning("round %d: node %d failed: %s", current, node_id, reason)
+        accepted = {n: c for n, c in checked.items() if c.reason is None}
         if failed:  # node loss: the round goes on with what arrived
             log.warning(
                 "round %d: lost %d of %d sampled nodes (%s); aggregating the %d accepted replies",
                 current, len(failed), len(sampled) or len(replies),
                 ", ".join(str(n) for n in sorted(failed)), len(accepted),
             )
-        arrays, metrics = super().aggregate_train(current, accepted)
-        if arrays is None:
-            log.warning("round %d: no acceptable update; the global adapter stays as it was", current)
-        self._finish_round(current, arrays, metrics, failed, rejected, nodes)
-        return arrays, metrics
 
-    def _finish_round(
+        started = time.perf_counter()
+        new_state = average({n: c.arrays for n, c in accepted.items() if c.arrays is not None},
+                            {n: c.num_examples for n, c in accepted.items()})
+        aggregate_rejection = None
+        if new_state is not None and not aggregate_is_finite(new_state):
+            aggregate_rejection = "aggregate-non-finite"
+            log.warning("round %d: the average is not finite; the global adapter stays as it was", current)
+            new_state = None
+        elif new_state is None:
+            log.warning("round %d: no acceptable update; the global adapter stays as it was", current)
+        arrays_out, metrics = None, None
+        if new_state is not None:
+            arrays_out = packing.per_tensor(new_state)
+            self._last = (arrays_out, new_state)
+            metrics = train_metrics(accepted)
+        aggregate_seconds = time.perf_counter() - started
+
+        record = self._round_record(
+            current, checked, failed, rejected, metrics, exchange, got_all, aggregate_seconds
+        )
+        record.aggregated = new_state is not None
+        record.aggregate_rejection = aggregate_rejection
+        self._finish_round(record, new_state if new_state is not None else self._global)
+        return arrays_out, metrics
+
+    # ---- bookkeeping -------------------------------------------------------------------------------------
+
+    def _round_record(
         self,
         current: int,
-        arrays: ArrayRecord | None,
-        metrics: MetricRecord | None,
+        checked: Mapping[int, Checked],
         failed: list[int],
-        rejected: dict[int, str],
-        nodes: dict[int, dict[str, Any]],
-    ) -> None:
+        rejected: Mapping[int, str],
+        metrics: MetricRecord | None,
+        exchange: Exchange,
+        got_all: float,
+        aggregate_seconds: float,
+    ) -> RoundRecord:
         traffic = self.ledger.round(current)
-        for node_id, stats in nodes.items():
-            stats["down-bytes"] = traffic.node(node_id).down_bytes
-            stats["up-bytes"] = traffic.node(node_id).up_bytes
-        for node_id in self._sampled.get(current, []):
-            nodes.setdefault(node_id, {"down-bytes": traffic.node(node_id).down_bytes, "up-bytes": 0})
-
-        global_arrays = arrays if arrays is not None else self._global
-        checkpoint = None
-        assert global_arrays is not None
-        every = self.cfg.train.save_every_round
-        state = arrays_to_state(global_arrays)
-        started = time.monotonic()
-        extra = {"round": current, "budget_bytes": self.ledger.cumulative_bytes(current)}
-        # `latest` is rewritten every round so a resume loses at most the round in flight.
-        save_adapter(state, self.cfg.model, self.results.run_dir / "latest", extra)
-        if every and current % every == 0:
-            checkpoint = save_adapter(
-                state, self.cfg.model, self.results.checkpoint_dir(current), extra
-            )
-        checkpoint_seconds = time.monotonic() - started
-
-        record = {
-            "round": current,
-            "learning_rate": self.cfg.learning_rate(current),
-            "sampled": self._sampled.get(current, []),
-            "replied": sorted(nodes.keys() - set(failed)),
-            "failed": sorted(failed),
-            "rejected": {str(k): v for k, v in rejected.items()},
-            "aggregated": arrays is not None,
-            "train_loss": float(metrics["train-loss"]) if metrics and "train-loss" in metrics else None,
-            "nodes": {str(k): v for k, v in sorted(nodes.items())},
-            "bytes_down": traffic.down_bytes,
-            "bytes_up": traffic.up_bytes,
-            "bytes_total": traffic.total_bytes,
-            "mb_total": to_mb(traffic.total_bytes),
-            "budget_bytes": self.ledger.cumulative_bytes(current),
-            "budget_mb": to_mb(self.ledger.cumulative_bytes(current)),
-            "duration_seconds": time.monotonic() - self._round_started.get(current, time.monotonic()),
-            "checkpoint": str(checkpoint) if checkpoint else None,
-            "checkpoint_seconds": checkpoint_seconds,
-        }
-        self.results.add_round(record, self.ledger)
-        log.info(
-            "round %d: loss %s | down %.2f MB, up %.2f MB | budget %.2f MB (limit %.0f MB)",
-            current,
-            f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "n/a",
-            to_mb(traffic.down_bytes), to_mb(traffic.up_bytes), record["budget_mb"],
-            self.cfg.budget_limit_mb,
+        nodes: dict[str, NodeRecord] = {}
+        for node_id in sorted(set(checked) | set(self._sampled.get(current, [])) | set(failed)):
+            node = node_record(node_id, checked.get(node_id))
+            if node_id in failed:
+                node.status = "failed"
+            node.down_bytes = traffic.node(node_id).down_bytes
+            node.up_bytes = traffic.node(node_id).up_bytes
+            node.down_sent_bytes = traffic.node(node_id).down_sent_bytes
+            node.up_sent_bytes = traffic.node(node_id).up_sent_bytes
+            node.timeline.server_sent = exchange.pushed_at
+            node.timeline.server_received = exchange.received_at.get(node_id)
+            nodes[str(node_id)] = node
+        budget = self.ledger.cumulative_bytes(current)
+        return RoundRecord(
+            round=current,
+            learning_rate=self.cfg.learning_rate(current),
+            sampled=self._sampled.get(current, []),
+            replied=sorted(checked),
+            failed=sorted(failed),
+            rejected={str(k): v for k, v in sorted(rejected.items())},
+            rejections=dict(Counter(rejected.values())),
+            train_loss=float(metrics["train-loss"]) if metrics and "train-loss" in metrics else None,
+            bytes_down=traffic.down_bytes,
+            bytes_up=traffic.up_bytes,
+            bytes_total=traffic.total_bytes,
+            mb_total=to_mb(traffic.total_bytes),
+            sent_bytes_down=traffic.sent_down_bytes,
+            sent_bytes_up=traffic.sent_up_bytes,
+            budget_bytes=budget,
+            budget_mb=to_mb(budget),
+            aggregate_seconds=aggregate_seconds,
+            timeline=RoundTimeline(
+                started=self._started.get(current, (None, None))[0],
+                sent=exchange.pushed_at,
+                all_replies=exchange.finished_at or got_all,
+                aggregated=time.time(),
+            ),
+            nodes=nodes,
         )
-        if record["budget_mb"] > self.cfg.budget_limit_mb:
+
+    def _finish_round(self, record: RoundRecord, state: State) -> None:
+        current = record.round
+        every = self.cfg.train.save_every_round
+        targets = [self.results.run_dir / "latest"]
+        if every and current % every == 0:
+            targets.append(self.results.checkpoint_dir(current))
+            record.checkpoint = str(targets[-1])
+        extra = {"round": current, "budget_bytes": record.budget_bytes}
+        # waits for the previous round's write (normally long done), then writes while the next round runs
+        self.writer.submit(CheckpointJob(current, state, targets, extra))
+        record.duration_seconds = time.monotonic() - self._started.get(current, (0.0, time.monotonic()))[1]
+        self.results.add_round(record, self.ledger.total_bytes, self.ledger.total_sent_bytes)
+        log.info(
+            "round %d: loss %s | down %.2f MB, up %.2f MB (sent %.2f / %.2f MB) | budget %.2f MB "
+            "(limit %.0f MB) | %.1f s",
+            current, f"{record.train_loss:.4f}" if record.train_loss is not None else "n/a",
+            to_mb(record.bytes_down), to_mb(record.bytes_up), to_mb(record.sent_bytes_down),
+            to_mb(record.sent_bytes_up), record.budget_mb, self.cfg.budget_limit_mb, record.duration_seconds,
+        )
+        if record.budget_mb > self.cfg.budget_limit_mb:
             log.warning(
                 "communication budget %.2f MB exceeds the limit %.0f MB",
-                record["budget_mb"], self.cfg.budget_limit_mb,
+                record.budget_mb, self.cfg.budget_limit_mb,
             )
+        self._notify(record)
+
+    def _checkpoint_written(self, job: CheckpointJob, seconds: float, written_at: float) -> None:
+        def stamp(results: RunResults) -> None:
+            record = results.round(job.server_round)
+            record.checkpoint_seconds = seconds
+            record.checkpoint_written_at = written_at
+            record.timeline.checkpoint_written = written_at
+
+        self.results.update(stamp)
+        self._notify(self.results.results.round(job.server_round))
+
+    def _notify(self, record: RoundRecord) -> None:
         for observer in self.observers:
             observer(record)
+
+    def finish(self) -> None:
+        """Wait for the last checkpoint (raises if it failed): call before reporting the run done."""
+        self.writer.wait()
+
+
+# ---- averaging -----------------------------------------------------------------------------------------
+
+
+def average(updates: Mapping[int, State], weights: Mapping[int, float]) -> State | None:
+    """Σ (w_i / Σw) · update_i per tensor, into one new float32 array per tensor (the only allocation of
+    adapter size; one reply with all the weight is returned bit-exactly)."""
+    if not updates:
+        return None
+    total = sum(weights[n] for n in updates)
+    result: State = {}
+    for position, (node_id, update) in enumerate(updates.items()):
+        share = np.float32(weights[node_id] / total)
+        for name, values in update.items():
+            if position == 0:
+                result[name] = np.multiply(values, share, dtype=np.float32)
+            else:
+                result[name] += values * share
+    return result
+
+
+def train_metrics(accepted: Mapping[int, Checked]) -> MetricRecord:
+    """FedAvg's train metrics: each metric averaged by examples; num-examples summed."""
+    total = sum(c.num_examples for c in accepted.values())
+    out: dict[str, float] = {WEIGHT_KEY: total}
+    for key in _AVERAGED:
+        if all(key in c.metrics for c in accepted.values()):
+            out[key] = sum(c.metrics[key] * c.num_examples for c in accepted.values()) / total
+    return MetricRecord(out)
+
+
+def node_record(node_id: int, checked: Checked | None) -> NodeRecord:
+    node = NodeRecord(node_id=node_id)
+    if checked is None:
+        return node
+    node.status = "accepted" if checked.reason is None else "rejected"
+    node.rejection = checked.reason
+    for key, value in checked.metrics.items():
+        if key in _NODE_FIELDS:
+            name = _NODE_FIELDS[key]
+            setattr(node, name, int(value) if name in _INT_FIELDS else value)
+        elif key.startswith("time-"):
+            node.stage_seconds[key[len("time-") :].replace("-", "_")] = value
+        elif key in _STAMPS:
+            setattr(node.timeline, _STAMPS[key], value)
+    return node
 
 
 def run_dir_for(cfg: FedTuneConfig, run_id: int, output_root: str | None = None) -> Path:
     return Path(output_root or cfg.output_dir).expanduser() / str(run_id)
+

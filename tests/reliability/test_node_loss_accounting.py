@@ -19,9 +19,10 @@ def test_superlink_inserted_error_is_attributed_to_the_lost_node(tmp_path, caplo
     sent = configure(strategy)
     arrays, _ = strategy.aggregate_train(1, [reply_to(sent[0], record(1.0, 1.0), 5), superlink_error_for(sent[1])])
     assert arrays is not None
-    rec = strategy.results.payload["rounds"][0]
-    assert rec["failed"] == [22] and rec["replied"] == [11] and rec["aggregated"]
-    assert rec["bytes_up"] * 2 == rec["bytes_down"]  # only the survivor's update arrived
+    rec = strategy.results.results.rounds[0]
+    assert rec.failed == [22] and rec.replied == [11] and rec.aggregated
+    assert rec.bytes_up * 2 == rec.bytes_down  # only the survivor's update arrived
+    assert rec.nodes["22"].status == "failed"
     assert "node 22 failed: Message unavailable" in caplog.text
     assert "lost 1 of 2 sampled nodes (22); aggregating the 1 accepted replies" in caplog.text
 
@@ -30,5 +31,5 @@ def test_a_node_silent_past_the_round_timeout_is_failed(tmp_path, caplog):
     strategy, _ = make_strategy(tmp_path)
     sent = configure(strategy)
     strategy.aggregate_train(1, [reply_to(sent[0], record(1.0, 1.0), 5)])
-    assert strategy.results.payload["rounds"][0]["failed"] == [22]
+    assert strategy.results.results.rounds[0].failed == [22]
     assert "node 22 failed: no reply within strategy.round-timeout" in caplog.text

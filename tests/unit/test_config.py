@@ -51,7 +51,10 @@ def test_learning_rate_is_cosine_across_rounds():
     [
         ("num-server-rounds", 0, "num-server-rounds=0: must be > 0"),
         ("num-server-rounds", "ten", "num-server-rounds='ten': expected an integer"),
-        ("strategy.fraction-train", 1.5, "strategy.fraction-train=1.5: must be in [0, 1]"),
+        ("strategy.fraction-train", 1.5, "strategy.fraction-train=1.5: must be in (0, 1]"),
+        ("strategy.fraction-train", 0, "strategy.fraction-train=0.0: must be in (0, 1] (0 trains no node)"),
+        ("comm.transport", "zip", "comm.transport='zip': must be one of ('packed', 'per-tensor')"),
+        ("strategy.max-num-examples", 0, "strategy.max-num-examples=0: must be > 0"),
         ("model.quantization", 3, "model.quantization=3: must be one of (0, 4, 8)"),
         ("model.lora.r", -4, "model.lora.r=-4: must be > 0"),
         ("model.lora.target-modules", " , ", "model.lora.target-modules"),

@@ -10,7 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedtune.accounting import CommLedger
 from fedtune.config import FedTuneConfig
-from serverapp.results import RunResults
+from fedtune.results import ResultsFile, RunResults
 from serverapp.strategy import FedTuneAvg
 
 KEYS = ("layer.lora_A.weight", "layer.lora_B.weight")
@@ -36,9 +36,13 @@ def record(a: float, b: float) -> ArrayRecord:
 
 
 def make_strategy(tmp_path, **overrides):
-    run_config = {"strategy.fraction-train": 1.0, "train.save-every-round": 1, **overrides}
+    # these arrays are far from their all-zero global: lift the update-norm bound (tested on its own)
+    run_config = {
+        "strategy.fraction-train": 1.0, "train.save-every-round": 1, "strategy.max-update-ratio": 1e6,
+        **overrides,
+    }
     cfg = FedTuneConfig.from_run_config(run_config)
-    return FedTuneAvg(cfg, RunResults(tmp_path, 1, cfg)), cfg
+    return FedTuneAvg(cfg, ResultsFile(tmp_path, RunResults(run_id=1, config=cfg.to_dict()))), cfg
 
 
 def reply_to(sent: Message, arrays: ArrayRecord | None, num_examples, loss=1.0) -> Message:
@@ -69,6 +73,7 @@ def test_fedavg_weights_by_examples_and_counts_bytes(tmp_path):
     assert sent[0].content["config"]["learning-rate"] == pytest.approx(cfg.learning_rate(1))
     replies = [reply_to(sent[0], record(1.0, 2.0), 10, 2.0), reply_to(sent[1], record(4.0, 8.0), 30, 1.0)]
     arrays, metrics = strategy.aggregate_train(1, replies)
+    strategy.finish()  # the checkpoint writer thread
 
     a, b = arrays[KEYS[0]].numpy(), arrays[KEYS[1]].numpy()
     np.testing.assert_allclose(a, (10 * 1.0 + 30 * 4.0) / 40)
@@ -83,11 +88,16 @@ def test_fedavg_weights_by_examples_and_counts_bytes(tmp_path):
     assert traffic.node(11).down_bytes == traffic.node(22).down_bytes == per_message
     assert traffic.node(11).up_bytes == traffic.node(22).up_bytes == per_message
     assert strategy.ledger.total_bytes == 4 * per_message
+    # the packed download actually sent is smaller (one buffer + manifest); these replies were per-tensor
+    assert 0 < traffic.node(11).down_sent_bytes == sent[0].content["arrays"].count_bytes()
+    assert traffic.node(11).up_sent_bytes == per_message
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["budget_bytes"] == 4 * per_message
     assert results["budget_mb"] == 4 * per_message / 1024**2
     assert results["rounds"][0]["replied"] == [11, 22]
+    assert results["sent_bytes"] == 2 * sent[0].content["arrays"].count_bytes() + 2 * per_message
+    assert results["rounds"][0]["checkpoint_written_at"] is not None
     assert (tmp_path / "checkpoints" / "round-0001" / "adapter_model.safetensors").is_file()
 
 
@@ -130,7 +140,8 @@ def test_bad_updates_are_rejected_before_aggregation(tmp_path, bad_arrays, num_e
     bad = reply_to(sent[1], bad_arrays, num_examples)
     arrays, _ = strategy.aggregate_train(1, [good, bad])
     np.testing.assert_allclose(arrays[KEYS[0]].numpy(), 2.0)  # only the good update counts
-    assert strategy.results.payload["rounds"][0]["rejected"] == {"22": reason}
+    assert strategy.results.results.rounds[0].rejected == {"22": reason}
+    assert strategy.results.results.rounds[0].rejections == {reason: 1}
 
 
 def test_all_rejected_or_failed_keeps_the_global_adapter(tmp_path):
@@ -139,9 +150,10 @@ def test_all_rejected_or_failed_keeps_the_global_adapter(tmp_path):
     failed = Message(Error(code=0, reason="node lost"), reply_to=sent[0])
     bad = reply_to(sent[1], record(float("nan"), 0.0), 10)
     arrays, metrics = strategy.aggregate_train(1, [failed, bad])
+    strategy.finish()
     assert arrays is None and metrics is None
-    round_record = strategy.results.payload["rounds"][0]
-    assert round_record["failed"] == [11] and round_record["aggregated"] is False
+    round_record = strategy.results.results.rounds[0]
+    assert round_record.failed == [11] and round_record.aggregated is False
     # the kept global adapter is what `latest` holds
     from fedtune.checkpoint import load_adapter
 
@@ -150,7 +162,9 @@ def test_all_rejected_or_failed_keeps_the_global_adapter(tmp_path):
 
 
 def test_bf16_transport_halves_the_array_bytes_and_aggregates_in_fp32(tmp_path):
-    strategy, _ = make_strategy(tmp_path, **{"model.transport-dtype": "bfloat16"})
+    strategy, _ = make_strategy(
+        tmp_path, **{"model.transport-dtype": "bfloat16", "comm.transport": "per-tensor"}
+    )
     sent = configure(strategy)
     wire = sent[0].content["arrays"]
     assert all(np.dtype(a.dtype) == np.uint16 for a in wire.values())

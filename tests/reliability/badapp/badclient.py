@@ -10,6 +10,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtune import packing
+
 # kind -> the reason FedTuneAvg must record (None: accepted; "failed": an error reply)
 EXPECTED = {
     "nan": "non-finite",
@@ -65,7 +67,9 @@ def train(msg: Message, context: Context) -> Message:
     print(f"badapp: round {server_round} partition {partition} sends {kind}", flush=True)
     if kind == "crash":
         raise RuntimeError("badapp: crashing on purpose")
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    # the global comes packed (comm.transport default); the bad replies go back in the old per-tensor
+    # form, which the server must still validate and reject (or accept) by the same rules
+    arrays = {k: np.array(v) for k, v in packing.unpack(msg.content["arrays"]).arrays.items()}
     num_examples = {"zero-examples": 0, "negative-examples": -5}.get(kind, 1)
     content = RecordDict(
         {"metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0, "partition-id": partition})}
