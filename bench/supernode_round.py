@@ -408,8 +408,8 @@ def child(spec_path: Path) -> None:
     from flwr.app import Array, ArrayRecord
     from flwr.common import serde
 
+    from bench.messages import train_message
     from clientapp import client_app
-    from fedtune.messages import train_message
 
     marks["imports_flwr"] = time.time()
     if spec["mode"] == "naive":  # what the in-process round will import anyway, timed on its own

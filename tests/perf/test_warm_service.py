@@ -24,8 +24,8 @@ def global_arrays(model_dir: Path, run_config: dict):
 
 
 def call_clientapp(run_config, node_config, arrays, server_round=1):
+    from bench.messages import train_message
     from clientapp.client_app import train
-    from fedtune.messages import train_message
 
     msg, context = train_message(
         arrays,
@@ -115,7 +115,7 @@ import json, sys
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from clientapp.client_app import train
-from fedtune.messages import train_message
+from bench.messages import train_message
 
 spec = json.loads(sys.argv[1])
 with np.load(spec["adapter"]) as data:

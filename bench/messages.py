@@ -1,5 +1,6 @@
 """A train Message and its Context as a SuperNode hands them to the ClientApp, for calling the ClientApp's
-`train` directly in one process (the round benchmark, tests) without a SuperLink."""
+`train` directly in one process (the round benchmark, tests) without a SuperLink. A bench/test helper: it
+is not shipped in the package or the FAB."""
 
 from __future__ import annotations
 
