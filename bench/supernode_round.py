@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from fedtune.runtime_env import flwr_env, silence_flwr
+
 REPO = Path(__file__).resolve().parent.parent
 GiB = 1024**3
 PARTITION_ROWS = 2600  # alpaca-gpt4's 52,002 rows / 20 partitions
@@ -500,9 +502,7 @@ def run_child(
 
 
 def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env = flwr_env()  # telemetry and update checks off
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
@@ -725,7 +725,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    silence_flwr()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     main()
