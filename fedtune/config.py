@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedtune.codecs import CODECS, CodecSpec
 from fedtune.errors import FedTuneError
 
 QUANTIZATION_BITS = (0, 4, 8)  # 0 = no quantization (bf16/fp32 base)
@@ -91,6 +92,14 @@ class DatasetSettings:
 @dataclass(frozen=True)
 class CommSettings:
     transport: str = "packed"
+    # adapter codecs (fedtune/codecs, docs/communication.md); the defaults send float32, as the reference
+    codec: str = "none"  # node -> server, and server -> node unless download_codec is set
+    download_codec: str = ""  # "" = the same as codec
+    block_size: int = 64  # values per quantisation scale (int8/int4/nf4)
+    ffa_lora: bool = False  # FFA-LoRA: A frozen at its seeded init everywhere, only B trained and sent
+
+    def spec(self) -> CodecSpec:
+        return CodecSpec(self.codec, self.download_codec or self.codec, self.block_size, self.ffa_lora)
 
 
 @dataclass(frozen=True)
@@ -215,6 +224,14 @@ KEYS: dict[str, _Key] = {
     "comm.transport": _Key(
         ("comm", "transport"), str, lambda v: v in TRANSPORTS, f"one of {TRANSPORTS}"
     ),
+    "comm.codec": _Key(("comm", "codec"), str, lambda v: v in CODECS, f"one of {CODECS}"),
+    "comm.download-codec": _Key(
+        ("comm", "download_codec"), str, lambda v: v in ("", *CODECS), f"'' (= comm.codec) or one of {CODECS}"
+    ),
+    "comm.block-size": _Key(
+        ("comm", "block_size"), int, lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"
+    ),
+    "comm.ffa-lora": _Key(("comm", "ffa_lora"), bool),
     "resume.from": _Key(("resume_from",), str),
     "static.dataset.name": _Key(("dataset", "name"), str, bool, "a dataset id, file or folder"),
     "static.num-partitions": _Key(("dataset", "num_partitions"), int, _positive, "> 0"),
@@ -280,6 +297,11 @@ def parse_run_config(run_config: Mapping[str, Any]) -> FedTuneConfig:
 
 
 def _check_relations(cfg: FedTuneConfig) -> None:
+    if cfg.comm.spec().active and cfg.model.transport_dtype != "float32":
+        raise FedTuneError(
+            "run config model.transport-dtype must stay float32 with comm.codec/comm.ffa-lora "
+            '(comm.codec = "bf16" is the bf16 transport)'
+        )
     if cfg.train.learning_rate_min > cfg.train.learning_rate_max:
         raise FedTuneError(
             "run config train.learning-rate-min must not exceed train.learning-rate-max "
