@@ -13,8 +13,9 @@ import time
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clientapp import warm_client
 from clientapp.round import NodeCache, run_round
+from clientapp.warm import client as warm_client
+from clientapp.warm.protocol import socket_path
 from fedtune.config import FedTuneConfig
 from fedtune.logs import configure_logging
 from fedtune.round_config import RoundConfig
@@ -33,15 +34,16 @@ def train(msg: Message, context: Context) -> Message:
     node_config = dict(context.node_config)
     global_arrays: ArrayRecord = msg.content["arrays"]
 
-    result = None
-    service = warm_client.socket_path(node_config)
+    remote = None
+    service = socket_path(node_config)
     if service:  # a node-local warm trainer keeps the model loaded across rounds (docs/performance.md)
-        result = warm_client.train_remote(
+        remote = warm_client.train_remote(
             service, dict(context.run_config), node_config, round_config.to_dict(), global_arrays
         )
-    if result is None:
-        result = run_round(cfg, node_config, round_config, global_arrays, NodeCache())
-    arrays, metrics, _ = result
+    if remote is not None:
+        arrays, metrics = remote[0], remote[1]["metrics"]
+    else:
+        arrays, metrics, _ = run_round(cfg, node_config, round_config, global_arrays, NodeCache())
     log.info(
         "round %d: loss %.4f over %d steps, %.1f tokens/s",
         round_config.server_round, metrics["train-loss"], metrics["train-steps"],
