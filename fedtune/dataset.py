@@ -68,6 +68,38 @@ def _local_source(path: Path) -> tuple[str, dict[str, Any]]:
     raise FedTuneError(f"data path not found: {path}")
 
 
+def check_local_data(data_path: str | Path) -> int:
+    """A node's own data, checked when its SuperNode starts (not in round 1): every JSON Lines row is a
+    JSON object, and at least one row is a usable Alpaca example. Returns the usable-row count of the
+    JSON Lines files (0 when only other types were given: those are checked when loaded)."""
+    import json
+
+    _builder, kwargs = _local_source(Path(data_path).expanduser())
+    files = kwargs["data_files"]
+    usable = 0
+    for name in [files] if isinstance(files, str) else files:
+        if Path(name).suffix.lower() != ".jsonl":
+            continue
+        before = usable
+        with open(name, encoding="utf-8", errors="strict") as handle:
+            try:
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise FedTuneError(f"{name} line {number}: not JSON ({err.msg})") from None
+                    if not isinstance(row, dict):
+                        raise FedTuneError(f"{name} line {number}: not a JSON object")
+                    usable += alpaca_to_conversation(row) is not None
+            except UnicodeDecodeError:
+                raise FedTuneError(f"{name}: not UTF-8 text") from None
+        if usable == before:
+            raise FedTuneError(f"{name}: no usable row (need non-empty string instruction and output)")
+    return usable
+
+
 def load_partition(dataset_name: str, partition_id: int, num_partitions: int) -> Dataset:
     """This node's IID partition of the dataset (a hub id, or a local file/folder), via flwr-datasets."""
     from flwr_datasets import FederatedDataset

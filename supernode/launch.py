@@ -19,8 +19,11 @@ import socket
 import sys
 
 from clientapp.warm.protocol import SOCKET_NODE_CONFIG_KEY
+from fedtune.certs import check_ca_file
+from fedtune.dataset import check_local_data
 from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.logs import exec_args
+from fedtune.preflight import OneLineParser, env_int, env_port, port_arg
 from fedtune.runtime_env import env_flag, find_executable, flwr_env, passthrough, require_file
 from supernode import warm_trainer
 from supernode.warm_trainer import private_socket
@@ -30,13 +33,12 @@ ORDINAL_RE = re.compile(r"-(\d+)$")
 
 
 def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else None
+    return env_int(name)  # FEDTUNE_PARTITION_ID=abc: one line naming the variable, not a traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fedtune-supernode", description="Start a Flower SuperNode for one fedtune partition."
     )
     parser.add_argument("--superlink", default=env("FEDTUNE_SUPERLINK"), help="HOST:PORT of the SuperLink")
@@ -59,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on this node's own Alpaca-format file/folder instead of a partition of the dataset",
     )
     parser.add_argument(
-        "--clientapp-port", type=int,
-        default=_env_int("FEDTUNE_CLIENTAPP_PORT") or DEFAULT_CLIENTAPP_PORT,
+        "--clientapp-port", type=port_arg,
+        default=env_port("FEDTUNE_CLIENTAPP_PORT", DEFAULT_CLIENTAPP_PORT),
         help="local ClientApp runtime port (unique per SuperNode on one host)",
     )
     parser.add_argument(
@@ -158,7 +160,8 @@ def build_command(args: argparse.Namespace) -> list[str]:
                 "TLS needs --root-certificates CA_FILE (the federation's ca.crt); "
                 "pass --insecure explicitly for a plaintext test setup"
             )
-        cmd += ["--root-certificates", str(require_file(args.root_certificates, "CA certificate"))]
+        # not PEM or expired: one line here (flwr would print a traceback, then the SuperNode hangs)
+        cmd += ["--root-certificates", str(check_ca_file(args.root_certificates))]
     if args.auth_key:
         from fedtune.auth import load_private_key
 
@@ -170,6 +173,8 @@ def build_command(args: argparse.Namespace) -> list[str]:
         cmd += ["--max-wait-time", str(args.max_wait_time)]
     if args.data_path and not os.path.exists(args.data_path):
         raise FedTuneError(f"--data-path not found: {args.data_path}")
+    if args.data_path:
+        check_local_data(args.data_path)  # a malformed JSONL fails here, not in round 1
     return cmd + passthrough(args.extra)
 
 
