@@ -9,8 +9,15 @@ the metrics exporter). It routes three sources through the same structlog proces
 
 Context bound with `bind(run_id=…, round=…, node_id=…)` (contextvars) is added to every line, whatever
 logger emitted it. Environment:
-  FEDTUNE_LOG_FORMAT  json | console | auto (default: console on a TTY, else JSON); `flwr` leaves the
-                      SuperLink/SuperNode processes in flwr's own format
+  FEDTUNE_LOG_FORMAT  json | console | auto (default: console on a TTY, JSON otherwise and always under
+                      CI or in a Kubernetes pod); `flwr` leaves the SuperLink/SuperNode processes in
+                      flwr's own format
+
+Flower's multi-line dumps are folded on the way out (`_FlowerFolder`): the strategy's start-up tree becomes
+one line, the per-round "Aggregated MetricRecord" and the end-of-run "Final results" dump (one dict key
+per line) are dropped, because fedtune's own round and run lines say the same and results.json has all
+of it. Known third-party notices that ask nothing of the user are silenced in `quiet_third_party()`,
+each with its reason.
   FEDTUNE_LOG_LEVEL   default: FLWR_LOG_LEVEL, else INFO
 
 `python -m fedtune.logs PROGRAM ARGS…` runs a console script (e.g. flower-superlink) in this process with
@@ -22,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -47,13 +54,71 @@ unbind = unbind_contextvars
 clear = clear_contextvars
 
 
-class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
+_TREE = ("├", "└", "│")
+
+
+def _tree_item(text: str) -> str:
+    return text.strip().lstrip("├└│─> \t").strip()
+
+
+class _FlowerFolder:
+    """Folds flwr's multi-record dumps (see the module doc) into what a reader needs: feed() takes one
+    record and returns the records to write (none, the same, or a folded one first)."""
+
+    def __init__(self) -> None:
+        self._tree: logging.LogRecord | None = None  # "Starting X strategy:" while its tree follows
+        self._items: list[str] = []
+        self._dropping = False  # inside the "Final results:" dump
+
+    def feed(self, record: logging.LogRecord) -> list[logging.LogRecord]:
+        if not record.name.startswith("flwr"):
+            return [*self._flush(), record]
+        text = record.getMessage()
+        nested = text.startswith(("\t", " ", *_TREE))
+        if self._dropping:
+            if nested:
+                return []
+            self._dropping = False
+        if self._tree is not None:
+            if nested:
+                item = _tree_item(text)
+                if item and not item.endswith(":"):  # "Sampling:" and such only head a group
+                    self._items.append(item)
+                return []
+            return [*self._flush(), *self.feed(record)]
+        if text.startswith("Starting ") and text.endswith(" strategy:"):
+            self._tree, self._items = record, []
+            return []
+        if text == "Final results:":
+            self._dropping = True  # Result.__str__, one key per record; results.json has it all
+            return []
+        if "Aggregated MetricRecord" in text:
+            return []  # fedtune's "round N: loss …" line says it with units
+        return [record]
+
+    def _flush(self) -> list[logging.LogRecord]:
+        if self._tree is None:
+            return []
+        folded = logging.makeLogRecord(self._tree.__dict__)
+        folded.msg = self._tree.getMessage().rstrip(":") + ": " + "; ".join(self._items)
+        folded.args = None
+        folded.__dict__.pop("message", None)  # a formatter's cache of the old text
+        self._tree, self._items = None, []
+        return [folded]
+
+
+class _StdoutHandler(logging.StreamHandler):
     """Writes to whatever sys.stdout is at emit time (flwr mirrors/redirects stdout for `flwr log`)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stdout)
+        self.folder = _FlowerFolder()
 
-    @property  # type: ignore[override]
+    def emit(self, record: logging.LogRecord) -> None:
+        for out in self.folder.feed(record):
+            super().emit(out)
+
+    @property
     def stream(self) -> Any:
         return sys.stdout
 
@@ -62,12 +127,20 @@ class _StdoutHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+def machine_readers() -> bool:
+    """A CI runner or a Kubernetes pod: the output goes to a log collector even when a TTY is attached.
+    (Other containers: no TTY unless someone asked for one with `docker run -t`, i.e. a person.)"""
+    return bool(os.environ.get("CI")) or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
 def _use_json(fmt: str | None) -> bool:
     fmt = (fmt or os.environ.get(FORMAT_ENV) or "auto").strip().lower()
     if fmt == "json":
         return True
     if fmt == "console":
         return False
+    if machine_readers():
+        return True
     isatty = getattr(sys.stdout, "isatty", None)
     return not (isatty is not None and isatty())
 
@@ -85,7 +158,7 @@ def _not_blank(record: logging.LogRecord) -> bool:
     return not (isinstance(record.msg, str) and not record.getMessage().strip())
 
 
-def _strip(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _strip(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     if isinstance(event.get("event"), str):
         event["event"] = event["event"].strip()
     return event
@@ -149,12 +222,39 @@ def configure_logging(
     root.setLevel(lvl)
     _route_flwr(lvl)
     logging.captureWarnings(True)  # Python warnings (transformers, bitsandbytes) become log lines too
+    quiet_third_party()
     if json_output:
         _no_progress_bars()
     for noisy in ("httpx", "httpcore", "urllib3", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
     if context:
         bind_contextvars(**context)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not any(fragment in text for fragment in self.fragments)
+
+
+def quiet_third_party() -> None:
+    """Silence notices that ask nothing of the user (idempotent; also run when this module is imported,
+    before bitsandbytes is). Each has its reason here; everything else stays visible."""
+    import warnings
+
+    # transformers 5 renamed gradient checkpointing to "activation checkpointing"; peft 0.21 and trl 1.16
+    # (pinned) still call the old names in every round. Nothing to change on our side until they follow.
+    for old in ("gradient_checkpointing_enable", "is_gradient_checkpointing"):
+        warnings.filterwarnings("ignore", message=f"`{old}` is deprecated", category=FutureWarning)
+    # bitsandbytes on CPUs with AVX512-BF16 tries an optional faster kernel from the Hugging Face hub
+    # (`kernels` package); no hub is reachable by design, and its own CPU kernel is used instead.
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropMessages) for f in bnb.filters):
+        bnb.addFilter(_DropMessages("Failed to load CPU gemm_4bit_forward"))
 
 
 def _no_progress_bars() -> None:
@@ -220,7 +320,7 @@ def _adopt_after_dict_config(names: tuple[str, ...]) -> None:
 
     original = logging.config.dictConfig
 
-    def dict_config(config: dict[str, Any]) -> None:
+    def dict_config(config: Any) -> None:
         original(config)
         for name in names:
             logger = logging.getLogger(name)
@@ -253,6 +353,8 @@ def run_with_logging(main: Any, argv: list[str]) -> None:
     result = main()
     raise SystemExit(result if isinstance(result, int) else 0)
 
+
+quiet_third_party()
 
 if __name__ == "__main__":
     _run_console_script(sys.argv[1:])
