@@ -66,11 +66,14 @@ def embedded_model_dir() -> Path:
             return target
         source = gguf_path()
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        # dequantize=True says what we do (unpack to a dense bf16 model and save it); left implicit,
+        # transformers first plans packed float32 kernels and logs a bf16 performance notice.
         model = AutoModelForCausalLM.from_pretrained(
-            source.parent, gguf_file=source.name, dtype=torch.bfloat16
+            source.parent, gguf_file=source.name, dtype=torch.bfloat16,
+            quantization_config=GgufConfig(gguf_file=source.name, dequantize=True),
         )
         # A GGUF-loaded model is marked quantised and refuses to save; it is plain bf16 by now.
         model.hf_quantizer = None
