@@ -60,32 +60,49 @@ def encode_update(
 
 
 def record_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {key: array.numpy() for key, array in record.items()}
+    """The arrays of a packed or per-tensor record (fedtune/packing.py), from their real data."""
+    from fedtune import packing
+
+    return packing.unpack(record).arrays
 
 
-def numpy_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    from flwr.app import Array, ArrayRecord
+def numpy_to_record(arrays: Mapping[str, np.ndarray], transport: str = "per-tensor") -> ArrayRecord:
+    from fedtune import packing
 
-    return ArrayRecord({key: Array(np.ascontiguousarray(values)) for key, values in arrays.items()})
+    return packing.to_record(arrays, transport)
 
 
-def receive_global(arrays: ArrayRecord, round_config: Mapping[str, object]) -> tuple[CodecSpec, ArrayRecord]:
-    """The round's codec and the global adapter it carries, decoded to float32 (B only under FFA-LoRA)."""
-    spec = CodecSpec.from_config(round_config)
+def receive_global(
+    arrays: ArrayRecord, codec_config: Mapping[str, object], transport: str = "per-tensor"
+) -> tuple[CodecSpec, ArrayRecord]:
+    """The round's codec (from the round config's `codec-*` keys) and the global adapter it carries, decoded
+    to float32 (B only under FFA-LoRA) in the round's transport form; unchanged without a codec."""
+    spec = CodecSpec.from_config(codec_config)
     if not spec.active:
         return spec, arrays
+    return spec, numpy_to_record(decode_global(record_to_numpy(arrays), codec_config, spec), transport)
+
+
+def decode_global(
+    encoded: Mapping[str, np.ndarray], round_config: Mapping[str, object], spec: CodecSpec
+) -> dict[str, np.ndarray]:
+    """The same on plain arrays (what a packed or per-tensor record unpacks to)."""
     shapes = read_shapes(round_config)
-    encoded = record_to_numpy(arrays)
     reason = problem(encoded, shapes, spec.download, spec.block_size)
     if reason is not None:
         raise ValueError(f"the global adapter is not a valid {spec.download} encoding: {reason}")
-    return spec, numpy_to_record(decode_state(encoded, shapes, spec.download, spec.block_size))
+    return decode_state(encoded, shapes, spec.download, spec.block_size)
 
 
 def reply_update(
-    trained: ArrayRecord, received: ArrayRecord, spec: CodecSpec, state: RecordDict
+    trained: ArrayRecord,
+    received: ArrayRecord,
+    spec: CodecSpec,
+    state: RecordDict,
+    transport: str = "per-tensor",
 ) -> tuple[ArrayRecord, ConfigRecord | None]:
-    """The reply's arrays and codec tag; updates the error-feedback residual in `state` (context.state)."""
+    """The reply's arrays (in the round's transport form) and codec tag; updates the error-feedback residual
+    in `state` (the node's context.state). Without a codec: `trained` unchanged, no tag."""
     from flwr.app import ConfigRecord
 
     if not spec.active:
@@ -95,4 +112,4 @@ def reply_update(
     encoded, kept = encode_update(record_to_numpy(trained), record_to_numpy(received), spec, residual)
     if kept is not None:
         state[RESIDUAL_RECORD] = numpy_to_record(kept)
-    return numpy_to_record(encoded), ConfigRecord(spec.to_config())
+    return numpy_to_record(encoded, transport), ConfigRecord(spec.to_config())
