@@ -49,8 +49,9 @@ def _upsert_connection(
     """Write connection `name` into config.toml (atomically), keeping everything else the file holds."""
     path = Path(flwr_home).expanduser() / "config.toml"
     data = toml_io.read(path) if path.is_file() else {}
-    superlink = data.get("superlink") if isinstance(data.get("superlink"), dict) else {}
-    default = superlink.get("default") if not make_default else None
+    table = data.get("superlink")
+    superlink: dict[str, object] = table if isinstance(table, dict) else {}
+    default = None if make_default else superlink.get("default")
     others = {k: v for k, v in superlink.items() if k not in ("default", name)}
     data["superlink"] = {"default": default if isinstance(default, str) else name, **others, name: body}
     return toml_io.write(path, data)

@@ -17,7 +17,7 @@ FLWR_QUIET_ENV: Mapping[str, str] = {
 }
 
 
-def flwr_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+def flwr_env(base: Mapping[str, str] | None = None, /, **extra: str) -> dict[str, str]:
     """A copy of `base` (default: os.environ) with telemetry and update checks off."""
     env = dict(os.environ if base is None else base)
     env.update(FLWR_QUIET_ENV)

@@ -18,21 +18,22 @@ from fedtune.metrics.state import RunView, State, Traffic, run_status
 from fedtune.metrics.table import TABLE, MetricDef, RunData
 
 log = logging.getLogger("fedtune.metrics")
-FAMILY = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily}
+Family = GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily
+FAMILY: dict[str, type[Family]] = {
+    "gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily
+}
 
 
-def _family(metric: MetricDef, labels: list[str]) -> Metric:
+def _family(metric: MetricDef, labels: list[str]) -> Family:
     return FAMILY[metric.kind](metric.name, metric.help, labels=labels)
 
 
-def _add(family: Metric, metric: MetricDef, labels: tuple[str, ...], values: list[float]) -> None:
-    if metric.kind != "histogram":
-        family.add_metric(list(labels), values[-1])  # type: ignore[attr-defined]
+def _add(family: Family, metric: MetricDef, labels: tuple[str, ...], values: list[float]) -> None:
+    if not isinstance(family, HistogramMetricFamily):
+        family.add_metric(list(labels), values[-1])  # a gauge or counter: the latest value
         return
     buckets = [(str(float(b)), float(sum(v <= b for v in values))) for b in metric.buckets]
-    family.add_metric(  # type: ignore[attr-defined]
-        list(labels), buckets=[*buckets, ("+Inf", float(len(values)))], sum_value=sum(values)
-    )
+    family.add_metric(list(labels), buckets=[*buckets, ("+Inf", float(len(values)))], sum_value=sum(values))
 
 
 def _carried(view: RunView | None, views: dict[str, RunView]) -> int:
