@@ -123,6 +123,7 @@ def main(grid: Grid, context: Context) -> None:
             "run %s completed: adapter %s, communication budget %.2f MB",
             context.run_id, final, results.results.budget_mb,
         )
+        _write_report(run_dir)
     except BaseException as err:
         if strategy is not None:
             try:  # a round's checkpoint in flight still lands, so a resume loses nothing finished
@@ -130,4 +131,16 @@ def main(grid: Grid, context: Context) -> None:
             except Exception as write_error:  # the run's own error is the one to raise
                 log.error("checkpoint write failed too: %s", write_error)
         results.finish("failed", error=f"{type(err).__name__}: {err}")
+        _write_report(run_dir)
         raise
+
+
+def _write_report(run_dir: Path) -> None:
+    """report.html + PNGs for people (fedtune.report, owned by the console work); never changes the
+    run's outcome, which results.json already holds."""
+    try:
+        from fedtune.report import write_report
+
+        log.info("run report: %s", write_report(run_dir))
+    except Exception as err:  # a report is a view of results.json: losing it loses nothing
+        log.warning("run report not written: %s: %s", type(err).__name__, err)
