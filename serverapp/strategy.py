@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedtune import packing
 from fedtune.accounting import CommLedger, to_mb
 from fedtune.checkpoint import CheckpointJob, CheckpointWriter
+from fedtune.codecs import server as codecs
 from fedtune.config import FedTuneConfig
 from fedtune.results import NodeRecord, ResultsFile, RoundRecord, RoundTimeline, RunResults
 from fedtune.round_config import REPLY_TRAIN_METRICS, RoundConfig
@@ -102,20 +103,27 @@ class FedTuneAvg(FedAvg):
         self._global = self._state_of(arrays)
         transport, dtype = self.cfg.comm.transport, self.cfg.model.transport_dtype
         wire = packing.encode(self._global, dtype)  # float32: the same arrays, no copy
+        codec, codec_config, reply_wire = self.cfg.comm.spec(), {}, wire
+        if codec.active:  # issue 18: the download codec; replies come in the upload codec's layout
+            wire, codec_config = codecs.encode_global_state(self._global, codec)
+            reply_wire = codecs.upload_template(self._global, codec)
         leaderboard = packing.leaderboard_bytes(packing.specs_of(wire))
         outgoing = packing.to_record(wire, transport)
         sent = outgoing.count_bytes()
         # the reply may come packed or per-tensor: the oversize bound of each form needs the packed size
-        packed_bytes = sent if transport == "packed" else packing.pack(wire).count_bytes()
+        same = transport == "packed" and reply_wire is wire
+        packed_bytes = sent if same else packing.pack(reply_wire).count_bytes()
         self._expected = Expected.for_round(
-            self._global, wire, packed_bytes,
+            self._global, reply_wire, packed_bytes,
             self.cfg.strategy.max_num_examples, self.cfg.strategy.max_update_ratio,
+            codec if codec.active else None,
         )
         round_config = RoundConfig(
             server_round=current,
             learning_rate=self.cfg.learning_rate(current),
             transport_dtype=dtype,
             transport=transport,
+            codec=codec_config,
             sent_at=time.time(),
         )
         content = ConfigRecord({**dict(config), **round_config.to_dict()})
@@ -160,7 +168,7 @@ class FedTuneAvg(FedAvg):
                     failed.append(node_id)
                     log.warning("round %d: node %d failed: %s", current, node_id, reply.error.reason)
                 else:  # the SuperLink answers (as node 1) for a node it lost: attributed below
-                    lost_reasons.append(reply.error.reason)
+                    lost_reasons.append(str(reply.error.reason))
                 continue
             result = checked[node_id] = check_reply(reply.content, self._expected)
             arrays = reply.content.array_records.get("arrays")
@@ -247,7 +255,7 @@ class FedTuneAvg(FedAvg):
             failed=sorted(failed),
             rejected={str(k): v for k, v in sorted(rejected.items())},
             rejections=dict(Counter(rejected.values())),
-            train_loss=float(metrics["train-loss"]) if metrics and "train-loss" in metrics else None,
+            train_loss=_scalar(metrics.get("train-loss")) if metrics else None,
             bytes_down=traffic.down_bytes,
             bytes_up=traffic.up_bytes,
             bytes_total=traffic.total_bytes,
@@ -334,11 +342,15 @@ def average(updates: Mapping[int, State], weights: Mapping[int, float]) -> State
 def train_metrics(accepted: Mapping[int, Checked]) -> MetricRecord:
     """FedAvg's train metrics: each metric averaged by examples; num-examples summed."""
     total = sum(c.num_examples for c in accepted.values())
-    out: dict[str, float] = {WEIGHT_KEY: total}
+    out: dict[str, int | float | list[int] | list[float]] = {WEIGHT_KEY: total}
     for key in _AVERAGED:
         if all(key in c.metrics for c in accepted.values()):
             out[key] = sum(c.metrics[key] * c.num_examples for c in accepted.values()) / total
     return MetricRecord(out)
+
+
+def _scalar(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def node_record(node_id: int, checked: Checked | None) -> NodeRecord:

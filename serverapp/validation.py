@@ -20,6 +20,9 @@ round sent. A rejection is a short reason code (a metric label; results.json cou
     wrong-dtype           a tensor's real dtype is not the round's transport dtype
     non-finite            NaN or Inf in a tensor
     update-norm           ||update - global|| > `strategy.max-update-ratio` x max(||global||, 1)
+    codec-mismatch        (comm.codec runs) the reply's codec tag is absent or not the run's codec
+    bad-scales            (comm.codec runs) block scales NaN, Inf, negative, or of the wrong length/dtype
+    bad-codes             (comm.codec runs) a code outside the codec's range
 
 After averaging, `aggregate_is_finite` must hold before the result becomes the global adapter (a weighted
 sum of finite values can still overflow float32); otherwise the round keeps the previous global.
@@ -35,6 +38,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedtune import packing
+from fedtune.codecs import CodecSpec
+from fedtune.codecs.server import decode_reply_arrays
 from fedtune.round_config import (
     REPLY_ARRAYS_KEY,
     REPLY_METRICS,
@@ -69,6 +74,7 @@ class Expected:
     max_bytes: dict[str, int]  # form ("packed" | "per-tensor") -> the most a reply of that form may carry
     max_num_examples: int
     max_delta_norm: float
+    codec: CodecSpec | None = None  # issue 18: replies in this codec's layout (fedtune/codecs), or none
 
     @classmethod
     def for_round(
@@ -78,6 +84,7 @@ class Expected:
         packed_bytes: int,
         max_num_examples: int,
         max_update_ratio: float,
+        codec: CodecSpec | None = None,
     ) -> Expected:
         """`wire`: the encoded arrays sent; `packed_bytes`: count_bytes() of their packed record."""
         specs = {name: (tuple(v.shape), v.dtype) for name, v in wire.items()}
@@ -87,7 +94,7 @@ class Expected:
             "per-tensor": int(per_tensor * OVERSIZE_FACTOR),
         }
         norm = l2_norm(global_state.values())
-        return cls(specs, global_state, limits, max_num_examples, max_update_ratio * max(norm, 1.0))
+        return cls(specs, global_state, limits, max_num_examples, max_update_ratio * max(norm, 1.0), codec)
 
 
 @dataclass
@@ -131,6 +138,13 @@ def check_reply(content: RecordDict, expected: Expected) -> Checked:
     arrays = unpacked.arrays
     leaderboard = packing.leaderboard_bytes(packing.specs_of(arrays))
     checked = Checked(None, metrics=metrics, form=unpacked.form, leaderboard_bytes=leaderboard)
+    if expected.codec is not None:  # issue 18: the codec checks the tag, codes and scales, then decodes
+        tag = content.config_records.get(CODEC_TAG_RECORD)
+        decoded, checked.reason = decode_reply_arrays(arrays, tag, expected.global_state, expected.codec)
+        if decoded is not None and _delta_norm(decoded, expected.global_state) > expected.max_delta_norm:
+            checked.reason = "update-norm"
+        checked.arrays = decoded if checked.reason is None else None
+        return checked
     checked.reason = _check_arrays(arrays, expected)
     if checked.reason is None:
         decoded = packing.decode(arrays)
