@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from clientapp.round import NodeCache, run_round
 from clientapp.warm import client as warm_client
 from clientapp.warm.protocol import socket_path
+from fedtune.codecs import node as codecs
 from fedtune.config import FedTuneConfig
 from fedtune.logs import configure_logging
 from fedtune.round_config import RoundConfig
@@ -33,6 +34,8 @@ def train(msg: Message, context: Context) -> Message:
     configure_logging(run_id=msg.metadata.run_id, round=round_config.server_round, node_id=context.node_id)
     node_config = dict(context.node_config)
     global_arrays: ArrayRecord = msg.content["arrays"]
+    # issue 18 (comm.codec): the trainer gets the global in float32; the reply is encoded below
+    codec, global_arrays = codecs.receive_global(global_arrays, round_config.codec, round_config.transport)
 
     remote = None
     service = socket_path(node_config)
@@ -49,6 +52,12 @@ def train(msg: Message, context: Context) -> Message:
         round_config.server_round, metrics["train-loss"], metrics["train-steps"],
         metrics["tokens-per-second"],
     )
+    # a delta from the global + the error feedback kept in context.state, in the codec (none: unchanged)
+    arrays, codec_tag = codecs.reply_update(
+        arrays, global_arrays, codec, context.state, round_config.transport
+    )
     metrics = {**metrics, "at-clientapp-started": started_at, "at-replied": time.time()}
     reply = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    if codec_tag is not None:
+        reply[codecs.TAG_RECORD] = codec_tag
     return Message(reply, reply_to=msg)

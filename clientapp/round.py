@@ -21,6 +21,7 @@ import numpy as np
 
 from clientapp.trainer import RoundOutcome, train_one_round
 from fedtune import packing
+from fedtune.codecs import CodecSpec, ffa
 from fedtune.config import FedTuneConfig
 from fedtune.dataset import load_node_dataset
 from fedtune.model import (
@@ -114,20 +115,25 @@ def _release_paged_optimizer_state() -> None:
 # ---- adapter in / out: the wire form is fedtune/packing.py's -----------------------------------------
 
 
-def adapter_in(model: Any, record: ArrayRecord) -> None:
-    """Load the round's global adapter (packed or per-tensor, fp32 or bf16 bits) into the model."""
+def adapter_in(model: Any, record: ArrayRecord, ffa_lora: FedTuneConfig | None = None) -> None:
+    """Load the round's global adapter (packed or per-tensor, fp32 or bf16 bits) into the model; under
+    FFA-LoRA (`ffa_lora`: the run's config) the record holds only B and A comes from the run's seed."""
     import torch
 
     values = packing.decode(packing.unpack(record).arrays)
     # copies: the arrays are views into one received buffer, and the model keeps what it is given
-    load_adapter_state(
-        model, OrderedDict((k, torch.from_numpy(np.array(v, dtype=np.float32))) for k, v in values.items())
-    )
+    state = OrderedDict((k, torch.from_numpy(np.array(v, dtype=np.float32))) for k, v in values.items())
+    if ffa_lora is not None:
+        state = ffa.with_seeded_a(state, ffa_lora.model, ffa_lora.train.seed)
+    load_adapter_state(model, state)
 
 
 def adapter_out(model: Any, round_config: RoundConfig) -> ArrayRecord:
     """The trained adapter in the round's transport dtype and form (packed or per-tensor)."""
-    wire = packing.encode(adapter_state(model), round_config.transport_dtype)
+    state = adapter_state(model)
+    if CodecSpec.from_config(round_config.codec).ffa_lora:  # issue 18: the frozen A never travels
+        state = ffa.b_only(state)
+    wire = packing.encode(state, round_config.transport_dtype)
     return packing.to_record(wire, round_config.transport)
 
 
@@ -158,7 +164,9 @@ def run_round(
     model, tokenizer, device = cache.model_for(cfg)
     lap("model-load")
 
-    adapter_in(model, global_arrays)
+    ffa_lora = CodecSpec.from_config(round_config.codec).ffa_lora  # issue 18 (fedtune/codecs/ffa.py)
+    ffa.set_a_trainable(model, not ffa_lora)
+    adapter_in(model, global_arrays, cfg if ffa_lora else None)
     adapter_in_at = time.time()
     lap("adapter-in")
 
