@@ -298,3 +298,144 @@ def test_scale_so_large_the_sum_overflows_is_refused():
     for key in list(shapes):  # a global near the float32 limit: global + delta overflows
         global_arrays[key] = Array(np.full(shapes[key], 3e38, np.float32))
     assert decode_reply(content, global_arrays, spec) == (None, "non-finite")
+
+
+# ---- the ServerApp's strategy and the ClientApp's codec steps, on known arrays ---------------------------
+
+
+class _Grid:
+    def get_node_ids(self):
+        return [11, 22]
+
+
+@pytest.fixture
+def _identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def codec_strategy(tmp_path, **comm):
+    from fedtune.config import FedTuneConfig
+    from fedtune.results import ResultsFile, RunResults
+    from serverapp.strategy import FedTuneAvg
+
+    cfg = FedTuneConfig.from_run_config({"strategy.fraction-train": 1.0, "train.save-every-round": 0, **comm})
+    return FedTuneAvg(cfg, ResultsFile(tmp_path, RunResults(run_id=1, config=cfg.to_dict()))), cfg
+
+
+def node_reply(message, state, move, num_examples, corrupt=None, spec_override=None):
+    """What the ClientApp does around training: decode, "train" (+ move), encode the delta with EF."""
+    from flwr.app import Message
+
+    from fedtune.round_config import RoundConfig
+
+    round_config = RoundConfig.from_config_record(message.content["config"])
+    spec, received = receive_global(message.content["arrays"], round_config.codec, round_config.transport)
+    trained = numpy_to_record({k: v + np.float32(move) for k, v in packing_arrays(received).items()})
+    arrays, tag = reply_update(trained, received, spec_override or spec, state, round_config.transport)
+    if corrupt is not None:
+        arrays = corrupt(arrays, round_config.transport)
+    content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0})})
+    if tag is not None:
+        content[TAG_RECORD] = tag
+    return Message(content, reply_to=message)
+
+
+def packing_arrays(record):
+    from fedtune import packing
+
+    return packing.unpack(record).arrays
+
+
+@pytest.mark.parametrize("transport", ["packed", "per-tensor"])
+@pytest.mark.parametrize("comm", [
+    {"comm.codec": "int8"},
+    {"comm.codec": "nf4", "comm.download-codec": "int8", "comm.block-size": 16},
+    {"comm.codec": "bf16", "comm.ffa-lora": True},
+])
+def test_strategy_round_with_a_codec(tmp_path, _identity, transport, comm):
+    strategy, cfg = codec_strategy(tmp_path, **{"comm.transport": transport, **comm})
+    spec = cfg.comm.spec()
+    global_arrays = adapter_record()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("flwr.serverapp.strategy.fedavg.sample_nodes", lambda grid, _min, size: ([11, 22], [11, 22]))
+        sent = list(strategy.configure_train(1, global_arrays, ConfigRecord(), _Grid()))
+    # the download is the codec's encoding of the global, accounted as the leaderboard counts it
+    shapes = {k: tuple(a.shape) for k, a in global_arrays.items()}
+    budget = run_budget(shapes, spec, rounds=1, nodes_per_round=2)
+    assert leaderboard_bytes(packing_arrays(sent[0].content["arrays"])) == budget.down_bytes
+    replies = [node_reply(sent[0], RecordDict(), 0.01, 10), node_reply(sent[1], RecordDict(), 0.03, 30)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    record = strategy.results.results.rounds[-1]
+    assert not record.rejected and record.aggregated
+    assert record.bytes_down == 2 * budget.down_bytes and record.bytes_up == 2 * budget.up_bytes
+    result = packing_arrays(arrays)
+    for key, array in global_arrays.items():
+        base = array.numpy()
+        if spec.ffa_lora and "lora_A" in key:
+            assert np.array_equal(result[key], base)
+        else:  # global + the examples-weighted mean delta (0.025), to the upload codec's precision
+            tolerance = blockwise.max_relative_error(spec.upload) * 2 * 0.031 if spec.upload in QUANTISED else 1e-3
+            np.testing.assert_allclose(result[key], base + 0.025, atol=tolerance)
+
+
+def _corrupt_scales(value):
+    def corrupt(arrays, transport):
+        encoded = dict(packing_arrays(arrays))
+        scales = next(k for k in encoded if k.endswith(":s"))
+        encoded[scales] = encoded[scales].copy()
+        encoded[scales][0] = value
+        return numpy_to_record(encoded, transport)
+    return corrupt
+
+
+def _short_scales(arrays, transport):
+    encoded = dict(packing_arrays(arrays))
+    scales = next(k for k in encoded if k.endswith(":s"))
+    encoded[scales] = encoded[scales][:-1].copy()
+    return numpy_to_record(encoded, transport)
+
+
+@pytest.mark.parametrize("corrupt,override,reason", [
+    (_corrupt_scales(np.nan), None, "bad-scales"),
+    (_corrupt_scales(np.inf), None, "bad-scales"),
+    (_corrupt_scales(-1.0), None, "bad-scales"),
+    (_short_scales, None, "bad-scales"),
+    (None, CodecSpec("nf4", "int8"), "codec-mismatch"),
+])
+def test_bad_codec_replies_are_rejected_never_aggregated(tmp_path, _identity, corrupt, override, reason):
+    strategy, _ = codec_strategy(tmp_path, **{"comm.codec": "int8"})
+    global_arrays = adapter_record()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("flwr.serverapp.strategy.fedavg.sample_nodes", lambda grid, _min, size: ([11, 22], [11, 22]))
+        sent = list(strategy.configure_train(1, global_arrays, ConfigRecord(), _Grid()))
+    good = node_reply(sent[0], RecordDict(), 0.01, 10)
+    bad = node_reply(sent[1], RecordDict(), 5.0, 1000, corrupt=corrupt, spec_override=override)
+    arrays, _ = strategy.aggregate_train(1, [good, bad])
+    record = strategy.results.results.rounds[-1]
+    assert record.rejected == {"22": reason}
+    # only the good node's update: global + its 0.01
+    np.testing.assert_allclose(packing_arrays(arrays)["m.q.lora_B.weight"], global_arrays["m.q.lora_B.weight"].numpy() + 0.01, atol=1e-3)
+
+
+def test_reference_configuration_is_untouched_by_codecs(tmp_path, _identity):
+    """comm.codec = none (the default): the round config carries no codec key and the download is fp32."""
+    strategy, cfg = codec_strategy(tmp_path)
+    assert not cfg.comm.spec().active
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("flwr.serverapp.strategy.fedavg.sample_nodes", lambda grid, _min, size: ([11, 22], [11, 22]))
+        sent = list(strategy.configure_train(1, adapter_record(), ConfigRecord(), _Grid()))
+    assert not [k for k in sent[0].content["config"] if k.startswith("codec-")]
+    assert {a.dtype for a in packing_arrays(sent[0].content["arrays"]).values()} == {np.dtype(np.float32)}
+
+
+def test_config_refuses_unknown_codecs_in_one_line():
+    from fedtune.config import FedTuneConfig
+    from fedtune.errors import FedTuneError
+
+    for bad, words in [({"comm.codec": "zip"}, "comm.codec='zip'"), ({"comm.download-codec": "fp8"}, "comm.download-codec"),
+                       ({"comm.block-size": 63}, "comm.block-size"), ({"comm.codec": "int8", "model.transport-dtype": "bfloat16"}, "transport-dtype")]:
+        with pytest.raises(FedTuneError, match=words) as err:
+            FedTuneConfig.from_run_config(bad)
+        assert "\n" not in str(err.value)
