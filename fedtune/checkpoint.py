@@ -95,7 +95,7 @@ def save_adapter(
     try:
         config = lora_config(settings)
         config.base_model_name_or_path = settings.name
-        config.save_pretrained(staging)
+        config.save_pretrained(str(staging))
         save_file(_as_numpy(state), str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             _fsync_file(staging / name)

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 if TYPE_CHECKING:
     from flwr.app import Message, RecordDict
-    from flwr.common.typing import Run
+    from flwr.supercore.run import Run
 
 REPLY_POLL_SECONDS = 0.25
 

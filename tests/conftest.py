@@ -94,3 +94,15 @@ def per_message_bytes(run_config: dict[str, object]) -> int:
     cfg = FedTuneConfig.from_run_config(run_config)
     return state_to_arrays(initial_adapter_state(cfg.model, cfg.train.seed), "float32").count_bytes()
 
+
+def sent_message_bytes(run_config: dict[str, object]) -> int:
+    """Bytes one adapter message actually carries (`count_bytes` of the record on the wire): the packed
+    form (a few buffers + manifest) unless the run config asks for comm.transport = "per-tensor"."""
+    from fedtune import packing
+    from fedtune.config import FedTuneConfig
+    from fedtune.model import initial_adapter_state
+
+    cfg = FedTuneConfig.from_run_config(run_config)
+    wire = packing.encode(initial_adapter_state(cfg.model, cfg.train.seed), cfg.model.transport_dtype)
+    return packing.to_record(wire, cfg.comm.transport).count_bytes()
+

@@ -11,7 +11,7 @@ import pytest
 from fedtune.certs import generate
 from fedtune.config import FedTuneConfig
 from fedtune.federation import LocalFederation
-from tests.conftest import REPO, per_message_bytes, tiny_run_config
+from tests.conftest import REPO, per_message_bytes, sent_message_bytes, tiny_run_config
 
 pytestmark = pytest.mark.slow
 ROUNDS = 3
@@ -73,9 +73,37 @@ def test_budget_is_the_leaderboard_formula(finished_run):
     assert results["budget_mb"] == expected / 1024**2
     for record in results["rounds"]:
         assert record["bytes_down"] == record["bytes_up"] == 2 * per_message
+    # beside it, what was actually sent: the packed form both ways (a few buffers + manifest per message)
+    sent = sent_message_bytes(overrides)
+    assert sent < per_message
+    for record in results["rounds"]:
+        assert record["sent_bytes_down"] == record["sent_bytes_up"] == 2 * sent, record
+        for node in record["nodes"].values():
+            assert node["down_sent_bytes"] == node["up_sent_bytes"] == sent
+            assert node["down_bytes"] == node["up_bytes"] == per_message
+    assert results["sent_bytes"] == sent * 2 * 2 * ROUNDS
     # Flower's own on-wire count is of the same order (chunking, dedup and protocol overhead differ)
     wire = info["network-traffic"]["total-bytes"]
-    assert 0.5 * expected < wire < 2.0 * expected
+    assert 0.5 * results["sent_bytes"] < wire < 2.0 * results["sent_bytes"]
+
+
+def test_every_round_has_its_timeline(finished_run):
+    """ServerApp sent -> ClientApp started -> adapter in -> trained -> replied -> ServerApp has it ->
+    aggregated -> checkpoint written: all stamped, in order (one host, one clock)."""
+    _, _, results, _ = finished_run
+    for record in results["rounds"]:
+        line = record["timeline"]
+        assert line["started"] <= line["sent"] <= line["all_replies"] <= line["aggregated"]
+        assert line["aggregated"] <= line["checkpoint_written"] == record["checkpoint_written_at"]
+        for node in record["nodes"].values():
+            stamps = node["timeline"]
+            order = [stamps[k] for k in ("server_sent", "clientapp_started", "adapter_in", "trained",
+                                         "clientapp_replied", "server_received")]
+            assert all(isinstance(t, float) for t in order), stamps
+            assert order == sorted(order), stamps
+            assert stamps["server_received"] <= line["all_replies"]
+            assert node["status"] == "accepted" and node["train_seconds"] > 0
+            assert {"data", "model_load", "adapter_in", "train", "adapter_out"} <= set(node["stage_seconds"])
 
 
 def test_supernode_with_another_ca_cannot_join(federation, tmp_path):

@@ -20,7 +20,7 @@ import pytest
 from fedtune.federation import TERMINAL_STATUSES, free_port
 from fedtune.flwr_config import LOCAL_SIMULATION, write_simulation_connection
 from fedtune.runtime_env import flwr_env
-from tests.conftest import REPO, per_message_bytes, tiny_run_config
+from tests.conftest import REPO, per_message_bytes, sent_message_bytes, tiny_run_config
 
 pytest.importorskip("ray", reason="needs the simulation extra: pip install 'flwr[simulation]==1.42.0'")
 
@@ -159,7 +159,7 @@ def test_two_of_twenty_virtual_supernodes_per_round(simulation):
         assert len(record["sampled"]) == 2 and len(record["replied"]) == 2, record
         assert not record["failed"] and not record["rejected"]
         # partition ids come from the simulation engine's node config, one per virtual SuperNode
-        partitions = [int(node["partition-id"]) for node in record["nodes"].values()]
+        partitions = [int(node["partition_id"]) for node in record["nodes"].values()]
         assert len(set(partitions)) == 2 and all(0 <= p < NUM_SUPERNODES for p in partitions), partitions
         assert record["train_loss"] is not None
 
@@ -172,6 +172,8 @@ def test_simulation_budget_is_the_leaderboard_formula(simulation):
     assert results["budget_mb"] == expected / 1024**2
     for record in results["rounds"]:
         assert record["bytes_down"] == record["bytes_up"] == 2 * per_message
+        sent = sent_message_bytes(simulation["overrides"])
+        assert record["sent_bytes_down"] == record["sent_bytes_up"] == 2 * sent
 
 
 def test_local_superlink_is_stopped(simulation):

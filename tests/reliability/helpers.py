@@ -37,7 +37,9 @@ def read_results(run_dir: Path) -> dict[str, Any]:
 
 
 def rounds_done(run_dir: Path) -> int:
-    return len(read_results(run_dir).get("rounds", []))
+    """Rounds finished and checkpointed: results.json lists a round before its checkpoint (written in the
+    background) is on disk, and a resume continues from the checkpoint."""
+    return sum(1 for r in read_results(run_dir).get("rounds", []) if r.get("checkpoint_written_at"))
 
 
 def run_log(fed, run_id: int) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 from fedtune.auth import generate as generate_key
 from fedtune.certs import generate as generate_certs
-from tests.conftest import REPO, per_message_bytes
+from tests.conftest import REPO, per_message_bytes, sent_message_bytes
 from tests.reliability.conftest import small_config
 from tests.reliability.helpers import (
     all_finite,
@@ -83,6 +83,7 @@ def test_clean_run_with_authenticated_nodes(clean_run):
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert all(len(r["replied"]) == 2 and not r["failed"] for r in results["rounds"])
     assert results["budget_bytes"] == per_message_bytes(config) * 2 * 2 * 2
+    assert results["sent_bytes"] == sent_message_bytes(config) * 2 * 2 * 2
     report("clean reference run", rounds=2, budget_bytes=results["budget_bytes"])
 
 
@@ -172,6 +173,7 @@ def test_supernode_killed_mid_round_is_reported_and_rejoins(auth_federation, tin
     per_message = per_message_bytes(config)
     assert first["bytes_down"] == 2 * per_message  # sent to both
     assert first["bytes_up"] == per_message  # only the survivor's update arrived
+    assert first["sent_bytes_up"] == sent_message_bytes(config)
     log = run_log(fed, run_id)
     assert f"node {victim_id} failed" in log and "lost 1 of 2" in log, log[-3000:]
 
