@@ -17,11 +17,11 @@ from fedtune.accounting import CommLedger, to_mb
 from fedtune.checkpoint import load_adapter, read_round, resolve_checkpoint, save_adapter
 from fedtune.config import FedTuneConfig
 from fedtune.errors import FedTuneError
-from fedtune.exporter import results_notifier
 from fedtune.logs import bind_round, configure_logging
+from fedtune.metrics.notify import results_notifier  # small: no prometheus_client in the ServerApp
 from fedtune.model import arrays_to_state, initial_adapter_state, state_to_arrays
 from fedtune.results import RESULTS_FILE, ResultsFile, RunResults
-from serverapp.strategy import FedTuneAvg, RoundObserver, run_dir_for
+from serverapp.strategy import FedTuneAvg, run_dir_for
 from serverapp.timed_grid import TimedGrid
 
 log = logging.getLogger("fedtune.serverapp")
@@ -29,9 +29,6 @@ log = logging.getLogger("fedtune.serverapp")
 OUTPUT_DIR_ENV = "FEDTUNE_OUTPUT_DIR"  # the SuperLink host decides where outputs live
 
 app = ServerApp()
-
-# Hooks other modules register (e.g. the metrics exporter) to see every finished round.
-ROUND_OBSERVERS: list[RoundObserver] = []
 
 
 def _resume_point(resume_from: str) -> tuple[RunResults, Path]:
@@ -93,7 +90,7 @@ def main(grid: Grid, context: Context) -> None:
         results.write()
         remaining = cfg.num_server_rounds - first_round + 1
 
-        observers = [*ROUND_OBSERVERS, results_notifier(results.path)]  # the metrics exporter
+        observers = [results_notifier(results.path)]  # tells the metrics exporter the file changed
         strategy = FedTuneAvg(cfg, results, first_round, ledger, observers)
         bind_round(strategy)
         final_state = state
