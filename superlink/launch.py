@@ -219,8 +219,9 @@ def with_suppressed_kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def supervise(children: dict[int, str]) -> int:
-    """Wait until a child exits (or we are told to stop); stop the rest. Exit code for the launcher."""
+def forward_stop_signals(children: dict[int, str]) -> list[int]:
+    """SIGTERM/SIGINT/SIGHUP: recorded (returned list) and passed on to every child as SIGTERM.
+    Installed before the children start, so no signal can leave one running without the launcher."""
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -230,6 +231,11 @@ def supervise(children: dict[int, str]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    return stopping
+
+
+def supervise(children: dict[int, str], stopping: list[int]) -> int:
+    """Wait until a child exits (or we are told to stop); stop the rest. Exit code for the launcher."""
     while True:
         try:
             pid, status = os.wait()  # also reaps orphans reparented to us (we are PID 1 in a container)
@@ -275,6 +281,7 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
     start_sidecar(args)
     sys.stdout.flush()
     children: dict[int, str] = {}
+    stopping = forward_stop_signals(children)
     try:
         # Flower's own CLI, run through superlink.flower_entry (longer SQLite busy timeout, our log pipeline).
         superlink = subprocess.Popen(
@@ -285,7 +292,9 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
         if nginx is not None and conf is not None:
             edge = subprocess.Popen(proxy.command(nginx, conf), stdin=subprocess.DEVNULL)
             children[edge.pid] = "Fleet proxy (nginx)"
-        return supervise(children)
+        if stopping:  # told to stop while starting
+            return 0
+        return supervise(children, stopping)
     finally:
         _stop(children, grace=5.0)
         if made_dir and runtime_dir is not None:
