@@ -1,48 +1,34 @@
-"""`make demo`: the main job on the embedded offline default.
+"""`make demo` / `fedtune demo`: the main job on the embedded offline default.
 
 Generates certificates, starts a TLS SuperLink and 2 SuperNodes on loopback, runs
-`flwr run . fedtune-local --run-config profiles/demo.toml --stream`, prints the per-round table and the
-communication budget, and stops every process it started (also on Ctrl-C or failure).
+`flwr run . fedtune-local --run-config profiles/demo.toml --stream` and follows it (readable lines, live
+progress), prints the per-round table, the communication budget and the run report's path, and stops every
+process it started (also on Ctrl-C or failure). A run that does not end `finished:completed` is an error:
+one line on stderr and exit status 2, whatever `flwr run --stream` returned (it exits 0 for a failed run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.federation import CONNECTION, LocalFederation
-from fedtune.results import RESULTS_FILE, RunResults
+from fedtune.follow import RunFollower
+from fedtune.report import REPORT_FILE, write_report
+from fedtune.report.table import round_table
+from fedtune.report.view import RunView, load
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PROFILE = REPO / "profiles" / "demo.toml"
 NUM_SUPERNODES = 2
-
-
-def round_table(results: dict[str, Any]) -> str:
-    """Per-round loss and bytes, then the budget — the demo's summary."""
-    header = (
-        f"{'round':>5} | {'train loss':>10} | {'nodes':>5} | {'down MB':>8} | {'up MB':>8} | "
-        f"{'budget MB':>9}"
-    )
-    lines = [header, "-" * len(header)]
-    for record in results["rounds"]:
-        loss = record["train_loss"]
-        lines.append(
-            f"{record['round']:>5} | {loss if loss is None else format(loss, '.4f'):>10} | "
-            f"{len(record['replied']):>5} | {record['bytes_down'] / 2**20:>8.2f} | "
-            f"{record['bytes_up'] / 2**20:>8.2f} | {record['budget_mb']:>9.2f}"
-        )
-    lines.append(
-        f"communication budget: {results['budget_mb']:.2f} MB "
-        f"(Σ ArrayRecord.count_bytes() both ways / 1024²; FlowerTune reference run: "
-        f"{results['reference_budget_mb']:.2f} MB)"
-    )
-    return "\n".join(lines)
 
 
 def latest_run_id(fed: LocalFederation) -> int:
@@ -52,51 +38,105 @@ def latest_run_id(fed: LocalFederation) -> int:
     return int(runs[-1]["run-id"])
 
 
-def run_demo(workdir: Path, profile: Path, overrides: list[str]) -> dict[str, Any]:
+def run_config_file(workdir: Path, profile: Path, overrides: list[str]) -> Path:
+    """The profile with KEY=VALUE overrides (VALUE in TOML), as the one file `flwr run` takes."""
+    from fedtune import toml_io
+
+    if not overrides:
+        return profile
+    merged = toml_io.read_flat(profile)
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            raise FedTuneError(f"--run-config {override!r}: expected KEY=VALUE (VALUE in TOML, e.g. '\"x\"')")
+        try:
+            merged[key.strip()] = toml_io.loads(f"v = {value.strip()}")["v"]
+        except ValueError as err:
+            raise FedTuneError(f"--run-config {override!r}: the value is not TOML ({err})") from None
+    path = workdir / "run-config.toml"
+    toml_io.write(path, merged)  # dotted keys quoted: Flower reads them back as the same flat keys
+    return path
+
+
+def _summary(console: Console, view: RunView, info: dict[str, Any], started: float) -> None:
+    console.print()
+    console.print(round_table(view), highlight=False, markup=False)
+    console.print(f"status: {info['status']}; global adapter: {view.final_adapter}", highlight=False)
+    traffic = info.get("network-traffic", {})
+    if traffic:
+        inbound, outbound = traffic.get("inbound-bytes", 0), traffic.get("outbound-bytes", 0)
+        console.print(
+            f"on the wire (SuperLink, all messages): in {inbound / 2**20:.2f} MB, "
+            f"out {outbound / 2**20:.2f} MB",
+            highlight=False,
+        )
+    report = view.run_dir / REPORT_FILE
+    if not report.is_file():  # the ServerApp writes it at run end; an older app may not
+        report = write_report(view.run_dir)
+    console.print(f"report: {report}", highlight=False, markup=False)
+    console.print(f"[demo] wall time {time.monotonic() - started:.0f} s", highlight=False, markup=False)
+
+
+def run_demo(workdir: Path, profile: Path, overrides: list[str]) -> RunView:
     started = time.monotonic()
+    console = Console(highlight=False)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = run_config_file(workdir, profile, overrides)
     with LocalFederation(workdir, extra_env={"OMP_NUM_THREADS": "1"}) as fed:
-        print(f"[demo] SuperLink (TLS) on https://{fed.address}, certificates in {fed.certs_dir}")
+        console.print(f"[demo] SuperLink (TLS) on https://{fed.address}, certificates in {fed.certs_dir}",
+                      markup=False)
         fed.start(NUM_SUPERNODES)
-        print(f"[demo] {NUM_SUPERNODES} SuperNodes started; logs in {fed.workdir / 'logs'}")
+        logs = fed.workdir / "logs"
+        console.print(f"[demo] {NUM_SUPERNODES} SuperNodes started; logs in {logs}", markup=False)
         cmd = [
             str(Path(sys.executable).with_name("flwr")), "run", str(REPO), CONNECTION,
-            "--run-config", str(profile), "--stream",
+            "--run-config", str(config), "--stream",
         ]
-        for override in overrides:
-            cmd += ["--run-config", override]
-        print("[demo] $ " + " ".join(cmd[1:]), flush=True)
-        streamed = subprocess.run(cmd, env=fed.env(), cwd=REPO)
+        console.print("[demo] $ flwr " + " ".join(cmd[1:]), markup=False)
+        follower = RunFollower(
+            console,
+            outputs=fed.outputs,
+            node_logs=[node.log_path for node in fed.supernodes],
+            raw_log=logs / "serverapp.log",
+        )
+        with subprocess.Popen(
+            cmd, env=fed.env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            errors="replace",
+        ) as streamed:
+            assert streamed.stdout is not None
+            state = follower.follow(streamed.stdout)
         if streamed.returncode != 0:
-            raise FedTuneError(f"flwr run exited with {streamed.returncode}; see {fed.workdir / 'logs'}")
-        run_id = latest_run_id(fed)
+            raise FedTuneError(f"flwr run exited with {streamed.returncode}; see {logs / 'serverapp.log'}")
+        run_id = state.run_id or latest_run_id(fed)
         info = fed.wait_for_run(run_id, timeout=120)
-        results_path = fed.run_dir(run_id) / RESULTS_FILE
-        if not results_path.is_file():
-            raise FedTuneError(f"the run wrote no {results_path}")
-        results = RunResults.read(results_path).to_json()
-        print()
-        print(round_table(results))
-        print(f"status: {info['status']}; global adapter: {results.get('final_adapter')}")
-        traffic = info.get("network-traffic", {})
-        if traffic:
-            inbound, outbound = traffic.get("inbound-bytes", 0), traffic.get("outbound-bytes", 0)
-            print(
-                f"on the wire (SuperLink, all messages): in {inbound / 2**20:.2f} MB, "
-                f"out {outbound / 2**20:.2f} MB"
-            )
-        print(f"[demo] wall time {time.monotonic() - started:.0f} s")
+        results_path = fed.run_dir(run_id)
         if info["status"] != "finished:completed":
-            raise FedTuneError(f"run {run_id} ended {info['status']}; see {fed.workdir / 'logs'}")
-        return results
+            # `flwr run --stream` exits 0 whatever became of the run: this line is the verdict
+            reason = ""
+            with contextlib.suppress(FedTuneError):  # a run that failed before writing results.json
+                reason = load(results_path).error or ""
+            if (results_path / REPORT_FILE).is_file():
+                console.print(f"report: {results_path / REPORT_FILE}", markup=False)
+            raise FedTuneError(
+                f"run {run_id} ended {info['status']}" + (f": {reason}" if reason else "")
+                + f" (ServerApp log: {logs / 'serverapp.log'})"
+            )
+        view = load(results_path)
+        _summary(console, view, info, started)
+        return view
 
 
 @one_line_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fedtune-demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fedtune demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=REPO / ".demo")
     parser.add_argument("--profile", type=Path, default=DEMO_PROFILE)
+    parser.add_argument(
+        "--run-config", action="append", default=[], metavar="KEY=VALUE",
+        help="override one run-config value of the profile (VALUE in TOML); repeatable",
+    )
     args = parser.parse_args(argv)
-    run_demo(args.workdir, args.profile, [])
+    run_demo(args.workdir, args.profile, args.run_config)
 
 
 if __name__ == "__main__":
