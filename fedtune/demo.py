@@ -58,6 +58,23 @@ def run_config_file(workdir: Path, profile: Path, overrides: list[str]) -> Path:
     return path
 
 
+def prepare_embedded_model(console: Console, config: Path) -> None:
+    """Convert the embedded model once, here with its progress bar on the terminal, rather than silently
+    inside the first SuperNode's round (whose output goes to its log file)."""
+    from fedtune import embedded, toml_io
+
+    if toml_io.read_flat(config).get("model.name") != embedded.EMBEDDED_MODEL:
+        return
+    if (embedded.cache_dir() / "models" / "smollm2-135m-instruct" / "config.json").is_file():
+        return
+    console.print(f"[demo] converting the embedded model once (GGUF → {embedded.cache_dir() / 'models'})",
+                  markup=False)
+    code = "from fedtune.embedded import embedded_model_dir; embedded_model_dir()"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO)  # tqdm's bars go to this terminal
+    if done.returncode != 0:
+        raise FedTuneError("converting the embedded model failed (see above)")
+
+
 def _summary(console: Console, view: RunView, info: dict[str, Any], started: float) -> None:
     console.print()
     console.print(round_table(view), highlight=False, markup=False)
@@ -82,6 +99,7 @@ def run_demo(workdir: Path, profile: Path, overrides: list[str]) -> RunView:
     console = Console(highlight=False)
     workdir.mkdir(parents=True, exist_ok=True)
     config = run_config_file(workdir, profile, overrides)
+    prepare_embedded_model(console, config)
     with LocalFederation(workdir, extra_env={"OMP_NUM_THREADS": "1"}) as fed:
         console.print(f"[demo] SuperLink (TLS) on https://{fed.address}, certificates in {fed.certs_dir}",
                       markup=False)
