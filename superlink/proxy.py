@@ -91,8 +91,9 @@ http {{
     log_format fedtune_denied escape=json
         '{{"event":"proxy-denied","time":"$time_iso8601","remote":"$remote_addr",'
         '"method":"$request_method","uri":"$request_uri","status":$status}}';
+    # (4xx only: an upstream error such as 502 while the SuperLink starts is in nginx's error log)
     map $status $fedtune_log_denied {{
-        ~^[45] 1;
+        ~^4 1;
         default 0;
     }}
     access_log /dev/stdout fedtune_denied if=$fedtune_log_denied;
