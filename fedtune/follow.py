@@ -126,6 +126,8 @@ class StreamRenderer:
             state.phase = "round done"
         if any(hidden in text for hidden in _HIDDEN_TEXT) or text.startswith(_TREE):
             return None
+        if text.startswith("Starting ") and " strategy: " in text:
+            text = _strategy_summary(text)
         shown = f"[dim]{_clock(event.get('timestamp'))}[/dim]  "
         body = escape(text)
         if event.get("exception"):
@@ -136,6 +138,14 @@ class StreamRenderer:
         if level == "warning":
             return shown + f"[yellow]warning[/yellow] {body}"
         return shown + body
+
+
+def _strategy_summary(text: str) -> str:
+    """The folded start-up tree without the record keys and empty configs (Flower's internals)."""
+    head, _, items = text.partition(": ")
+    internal = ("ConfigRecord", "ArrayRecord key", "Weighted by")
+    kept = [item for item in items.split("; ") if not item.startswith(internal)]
+    return f"{head}: {'; '.join(kept)}"
 
 
 def _json(line: str) -> dict[str, Any] | None:
