@@ -243,26 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--statefulset", required=True, help="SuperNode StatefulSet: pods NAME-0, NAME-1, ..."
     )
     parser.add_argument("--replicas", required=True, type=int, help="pods to make keys for (ordinals 0..N-1)")
+    env = os.environ.get
     parser.add_argument(
-        "--namespace",
-        default=os.environ.get("POD_NAMESPACE"),
+        "--namespace", default=env("POD_NAMESPACE"),
         help="default: $POD_NAMESPACE, else the service account's namespace",
     )
     parser.add_argument(
-        "--label",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="label of a Secret this creates (repeatable)",
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="label of a Secret this creates"
     )
     parser.add_argument(
-        "--api-server",
-        default=os.environ.get("FEDTUNE_K8S_API_SERVER"),
+        "--api-server", default=env("FEDTUNE_K8S_API_SERVER"),
         help="default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT",
     )
     parser.add_argument(
-        "--service-account-dir",
-        default=SERVICE_ACCOUNT_DIR,
+        "--service-account-dir", default=SERVICE_ACCOUNT_DIR,
         help="folder with token, ca.crt and namespace (default: %(default)s)",
     )
     return parser
