@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from fedtune.atomic import write_text
 from fedtune.errors import FedTuneError
 
 EMBEDDED_MODEL = "embedded/smollm2-135m-instruct"
@@ -134,13 +135,7 @@ def demo_dataset_file() -> Path:
     path = cache_dir() / "data" / "demo-alpaca.jsonl"
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in demo_rows():
-            handle.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, "".join(json.dumps(row) + "\n" for row in demo_rows()))
 
 
 def resolve_model(name: str) -> str:
