@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 MB = 1024 * 1024
 REFERENCE_BUDGET_MB = 2942.79  # the FlowerTune reference submission (InternLM3-8B, 10 rounds, 2 nodes)
+LEADERBOARD_BUDGET_LIMIT_MB = 200_000.0  # the leaderboard's cap on a submission's budget
 
 
 def to_mb(num_bytes: int) -> float:

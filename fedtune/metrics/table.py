@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from fedtune.accounting import to_mb
-from fedtune.config import LEADERBOARD_BUDGET_LIMIT_MB
+from fedtune.accounting import LEADERBOARD_BUDGET_LIMIT_MB, to_mb
 from fedtune.metrics.samples import (
     NODE_STAGES,
     RunData,
