@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.accounting import REFERENCE_BUDGET_MB
+from fedtune.accounting import LEADERBOARD_BUDGET_LIMIT_MB as BUDGET_CAP_MB
+from fedtune.accounting import MB, REFERENCE_BUDGET_MB
 from fedtune.errors import FedTuneError
+from fedtune.results import RESULTS_FILE
 
-RESULTS_FILE = "results.json"
 EVAL_RESULTS = Path("eval") / "mmlu_results.json"  # where `fedtune eval` writes by default
-BUDGET_CAP_MB = 200_000.0  # the FlowerTune leaderboard's communication cap
-MB = 2**20
 
 # Round phases in the order they happen (RoundTimeline of fedtune/results.py), with their labels.
 PHASES = (
