@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fedtune.accounting import LEADERBOARD_BUDGET_LIMIT_MB
 from fedtune.codecs import CODECS, CodecSpec
 from fedtune.errors import FedTuneError
 
@@ -19,7 +20,6 @@ QUANTIZATION_BITS = (0, 4, 8)  # 0 = no quantization (bf16/fp32 base)
 TRANSPORT_DTYPES = ("float32", "bfloat16")
 # how the adapter crosses every hop (fedtune/packing.py): a few large arrays + manifest, or one per tensor
 TRANSPORTS = ("packed", "per-tensor")
-LEADERBOARD_BUDGET_LIMIT_MB = 200_000.0
 
 
 @dataclass(frozen=True)
