@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from fedtune.atomic import write_json
 from fedtune.errors import FedTuneError
 
 log = logging.getLogger(__name__)
@@ -234,9 +234,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     + "\n"
                 )
-    tmp = out / f".{RESULTS_JSON}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out / RESULTS_JSON)
+    write_json(out / RESULTS_JSON, payload)
     (out / TABLE_MD).write_text(table)
     payload["out"] = str(out)
     return payload
