@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from fedtune.errors import FedTuneError
 from fedtune.eval.categories import SUBJECT_CATEGORY
+from fedtune.runtime_env import env_flag
 
 HUB_DATASET = "cais/mmlu"
 HUB_CONFIG = "all"
@@ -75,7 +75,7 @@ def load_mmlu(source: str | None, limit: int | None = None) -> tuple[list[Questi
 
 
 def _from_hub() -> list[Question]:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+    if env_flag("HF_HUB_OFFLINE"):
         raise FedTuneError(
             f"MMLU comes from the hub ({HUB_DATASET}) but HF_HUB_OFFLINE is set: "
             "pass --mmlu PATH (a folder of <subject>_test.csv files, or parquet/JSON with "
