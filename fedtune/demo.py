@@ -96,7 +96,7 @@ def _summary(console: Console, view: RunView, info: dict[str, Any], started: flo
 
 def run_demo(workdir: Path, profile: Path, overrides: list[str]) -> RunView:
     started = time.monotonic()
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)  # long paths stay one line (the terminal wraps)
     workdir.mkdir(parents=True, exist_ok=True)
     config = run_config_file(workdir, profile, overrides)
     prepare_embedded_model(console, config)
