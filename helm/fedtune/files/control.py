@@ -34,6 +34,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from fedtune import toml_io
+from fedtune.atomic import write_json  # a restart reads the old record or the new one, never half of one
+
 CONNECTION = "remote-deployment"
 ADDRESS = os.environ.get("FEDTUNE_CONTROL_ADDRESS", "127.0.0.1:9000")
 CA = os.environ.get("FEDTUNE_ROOT_CERTIFICATES", "/certs/ca.crt")
@@ -48,14 +51,6 @@ stop = threading.Event()
 def log(event: str, **fields: Any) -> None:
     print(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event, **fields}),
           flush=True)
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic: a restart reads the old record or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -150,32 +145,21 @@ def request_key(request: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
-
 def run_config_file(request: dict[str, Any], key: str) -> Path | None:
     """flwr takes one TOML file or key=value pairs, not both: the profile and the overrides, merged."""
-    import tomllib
-    from flwr.common.config import flatten_dict, parse_config_args
+    from flwr.common.config import parse_config_args
 
     merged: dict[str, Any] = {}
     profile = str(request.get("profile") or "")
     if profile:
         path = Path(profile) if profile.startswith("/") else Path(request["app"]) / profile
-        merged.update(flatten_dict(tomllib.loads(path.read_text())))
+        merged.update(toml_io.read_flat(path))
     overrides = str(request.get("runConfig") or "").strip()
     if overrides:
         merged.update(parse_config_args([overrides]))
     if not merged:
         return None
-    target = Path("/tmp") / f"run-config-{key}.toml"
-    target.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in merged.items()))
-    return target
+    return toml_io.write(Path("/tmp") / f"run-config-{key}.toml", merged)  # dotted keys stay quoted keys
 
 
 def submit(request: dict[str, Any], key: str, record: Path, attempt: int) -> None:
