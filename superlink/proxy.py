@@ -26,6 +26,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtune.atomic import write_text
 from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.preflight import OneLineParser, env_port, port_arg
 
@@ -175,11 +176,7 @@ def write(cfg: ProxyConfig) -> Path:
     cfg.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     for name in TEMP_DIRS:
         (cfg.runtime_dir / name).mkdir(exist_ok=True, mode=0o700)
-    path = cfg.runtime_dir / "nginx.conf"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(render(cfg))
-    os.replace(tmp, path)
-    return path
+    return write_text(cfg.runtime_dir / "nginx.conf", render(cfg))
 
 
 def command(nginx: str, conf: Path) -> list[str]:
