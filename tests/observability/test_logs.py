@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 
+from fedtune.runtime_env import FLWR_QUIET_ENV
 from tests.observability.helpers import REPO
 
 SCRIPT = """
@@ -27,8 +28,7 @@ logging.getLogger("fedtune.x").warning("warn %s", "w")
 
 
 def run(fmt: str) -> str:
-    env = {"FEDTUNE_LOG_FORMAT": fmt, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "PATH": "/usr/bin:/bin"}
+    env = {"FEDTUNE_LOG_FORMAT": fmt, **FLWR_QUIET_ENV, "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=REPO)
     assert done.returncode == 0, done.stderr
     return done.stdout
