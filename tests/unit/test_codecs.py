@@ -439,3 +439,21 @@ def test_config_refuses_unknown_codecs_in_one_line():
         with pytest.raises(FedTuneError, match=words) as err:
             FedTuneConfig.from_run_config(bad)
         assert "\n" not in str(err.value)
+
+
+def test_docs_budget_table_is_the_generated_one():
+    from tests.conftest import REPO
+
+    assert budget_table() in (REPO / "docs" / "communication.md").read_text()
+
+
+def test_comm_profile_is_known_config_under_a_quarter_of_the_reference():
+    import tomllib
+    from flwr.common.config import flatten_dict
+
+    from fedtune.config import FedTuneConfig
+    from tests.conftest import REPO
+
+    profile = flatten_dict(tomllib.loads((REPO / "profiles" / "comm-lean.toml").read_text()))
+    spec = FedTuneConfig.from_run_config(profile).comm.spec()
+    assert run_budget(internlm3_8b_lora_shapes(), spec).total_mb <= 2942.79 / 4
