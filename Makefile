@@ -37,7 +37,7 @@ tools:
 	bash scripts/install-tools.sh
 
 test-fast: venv
-	$(PY) -m pytest -v -m "not slow and not container and not helm" tests
+	$(PY) -m pytest -v -m "not slow and not container and not helm and not k8s" tests
 
 test-slow: venv
 	$(PY) -m pytest -v -m slow tests
@@ -47,6 +47,10 @@ test-containers: venv tools
 
 test-helm: venv tools
 	$(PY) -m pytest -v -m helm tests
+
+## The chart on a real cluster: ../shared/k8s (started and stopped by the test) or $KUBECONFIG's.
+test-k8s: venv tools
+	$(PY) -m pytest -v -s -m k8s tests/k8s
 
 lint: venv
 	$(VENV)/bin/ruff check .
