@@ -71,7 +71,10 @@ def sft_config(
     output_dir: str,
     checkpoint_every: int = 1,
     dataset_prepared: bool = False,
+    compute_dtype: str = "bfloat16",
 ):  # -> SFTConfig (import kept lazy)
+    """`compute_dtype` (see `model_compute_dtype`) decides mixed precision on a GPU: bf16/fp16 autocast, or
+    none for float32 (the FlowerTune template's TrainingArguments leave bf16 and fp16 off)."""
     from trl import SFTConfig
 
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -105,7 +108,8 @@ def sft_config(
         logging_steps=settings.logging_steps,
         seed=settings.seed,
         data_seed=settings.seed,
-        bf16=device == "cuda",
+        bf16=device == "cuda" and compute_dtype == "bfloat16",
+        fp16=device == "cuda" and compute_dtype == "float16",
         use_cpu=device == "cpu",
         packing=settings.packing,
         # Without packing, padding-free is switched on after trl has tokenised and truncated the data
@@ -121,6 +125,32 @@ def sft_config(
         pad_to_multiple_of=None if padding_free else pad_multiple(settings),
         **extra,
     )
+
+
+def model_compute_dtype(model: Any) -> str:
+    """The dtype a model's forward computes in: a 4-bit model's bnb compute dtype (model.compute-dtype),
+    else bfloat16 (8-bit and unquantised models train with bf16 autocast on a GPU, as before)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantization = getattr(base.config, "quantization_config", None)
+    if getattr(base, "is_loaded_in_4bit", False) and quantization is not None:
+        dtype = getattr(quantization, "bnb_4bit_compute_dtype", None)
+        if dtype is None and isinstance(quantization, dict):
+            dtype = quantization.get("bnb_4bit_compute_dtype")
+        name = str(dtype or "float32").removeprefix("torch.")
+        return name
+    return "bfloat16"
+
+
+def keep_adapter_dtype(model: Any) -> dict[str, Any]:
+    """The trainable (LoRA) tensors as they are now: trl casts them to bf16 when it wraps a quantised model
+    (lossy), which the template (fp32 LoRA, no autocast) never does; `restore_adapter_dtype` undoes it."""
+    return {name: p.data for name, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_adapter_dtype(model: Any, saved: dict[str, Any]) -> None:
+    for name, param in model.named_parameters():
+        if name in saved and param.dtype != saved[name].dtype:
+            param.data = saved[name]
 
 
 def set_non_quantized_dtype(model: PeftModel, dtype: Any) -> None:
@@ -298,8 +328,15 @@ def train_one_round(
     dataset_prepared = prepared is not None and not settings.packing and prepared.get("key") == cache_key
     if dataset_prepared:
         train_dataset = prepared["dataset"]
+    elif settings.prompt_format == "flowertune":
+        from clientapp.flowertune_format import tokenize
+
+        train_dataset, _ = tokenize(dataset, tokenizer, settings.seq_length)
     saved_forwards = _forward_attributes(model)
     clock = _step_clock()
+    compute = model_compute_dtype(model)
+    # float32 compute (the template): LoRA weights stay float32 through trl's QLoRA bf16 cast
+    saved_adapter = keep_adapter_dtype(model) if compute == "float32" else None
     try:
         with tempfile.TemporaryDirectory(prefix="fedtune-round-") as output_dir:
             setup_started = time.perf_counter()
@@ -313,6 +350,7 @@ def train_one_round(
                     output_dir,
                     checkpoint_every,
                     dataset_prepared,
+                    compute,
                 ),
                 train_dataset=train_dataset,
                 processing_class=tokenizer,
@@ -321,6 +359,8 @@ def train_one_round(
             # transformers prints a raw dict per logged step to stdout, which breaks the SuperNode's
             # JSON log lines; the losses reach the server in the reply's metrics instead.
             trainer.remove_callback(PrinterCallback)
+            if saved_adapter is not None:  # before train() builds the optimizer over these tensors
+                restore_adapter_dtype(model, saved_adapter)
             counter = None
             if settings.padding_free and not settings.packing:
                 # trl has tokenised and truncated to max_length; now concatenate each micro-batch.

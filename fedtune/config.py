@@ -18,6 +18,10 @@ from fedtune.errors import FedTuneError
 
 QUANTIZATION_BITS = (0, 4, 8)  # 0 = no quantization (bf16/fp32 base)
 TRANSPORT_DTYPES = ("float32", "bfloat16")
+# bitsandbytes 4-bit data types; fp4 is `BitsAndBytesConfig(load_in_4bit=True)`'s (the FlowerTune template)
+QUANT_TYPES = ("fp4", "nf4")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+PROMPT_FORMATS = ("flowertune", "chat")
 # how the adapter crosses every hop (fedtune/packing.py): a few large arrays + manifest, or one per tensor
 TRANSPORTS = ("packed", "per-tensor")
 
@@ -26,7 +30,7 @@ TRANSPORTS = ("packed", "per-tensor")
 class LoraSettings:
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.075  # the FlowerTune template's LoraConfig(lora_dropout=0.075)
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -35,6 +39,13 @@ class ModelSettings:
     name: str = "internlm/internlm3-8b-instruct"
     trust_remote_code: bool = True
     quantization: int = 4
+    # 4-bit data type and the dtype 4-bit layers compute in; fp4 + float32 = the template's
+    # BitsAndBytesConfig(load_in_4bit=True). float32 compute also trains without autocast and keeps the
+    # LoRA weights in float32, as the template does; bfloat16 turns on bf16 mixed precision on a GPU.
+    quant_type: str = "fp4"
+    compute_dtype: str = "float32"
+    # the hub revision (branch, tag or commit) of the model, passed to every from_pretrained; "" = default
+    revision: str = ""
     gradient_checkpointing: bool = True
     # checkpoint every n-th decoder layer only (1 = all, the reference); larger trades memory for speed
     gradient_checkpointing_every: int = 1
@@ -56,6 +67,9 @@ class TrainSettings:
     logging_steps: int = 1
     seed: int = 42
     save_every_round: int = 5
+    # "flowertune": the template's Alpaca text and loss mask (clientapp/flowertune_format.py);
+    # "chat": the tokenizer's chat template, trl masking the prompt (and appending EOS)
+    prompt_format: str = "flowertune"
     packing: bool = False
     # padding-free micro-batches: the batch's samples are concatenated into one row (same samples and
     # loss as the padded batch, no padding compute); see docs/performance.md
@@ -184,6 +198,13 @@ KEYS: dict[str, _Key] = {
     "model.quantization": _Key(
         ("model", "quantization"), int, lambda v: v in QUANTIZATION_BITS, f"one of {QUANTIZATION_BITS}"
     ),
+    "model.quant-type": _Key(
+        ("model", "quant_type"), str, lambda v: v in QUANT_TYPES, f"one of {QUANT_TYPES}"
+    ),
+    "model.compute-dtype": _Key(
+        ("model", "compute_dtype"), str, lambda v: v in COMPUTE_DTYPES, f"one of {COMPUTE_DTYPES}"
+    ),
+    "model.revision": _Key(("model", "revision"), str),
     "model.gradient-checkpointing": _Key(("model", "gradient_checkpointing"), bool),
     "model.gradient-checkpointing-every": _Key(
         ("model", "gradient_checkpointing_every"), int, _positive, "> 0 (1 = every layer)"
@@ -213,6 +234,9 @@ KEYS: dict[str, _Key] = {
     "train.seed": _Key(("train", "seed"), int, _non_negative, ">= 0"),
     "train.save-every-round": _Key(
         ("train", "save_every_round"), int, _non_negative, ">= 0 (0 = final only)"
+    ),
+    "train.prompt-format": _Key(
+        ("train", "prompt_format"), str, lambda v: v in PROMPT_FORMATS, f"one of {PROMPT_FORMATS}"
     ),
     "train.packing": _Key(("train", "packing"), bool),
     "train.padding-free": _Key(("train", "padding_free"), bool),

@@ -36,6 +36,7 @@ def pick_device() -> str:
 
 
 def compute_dtype(device: str) -> torch.dtype:
+    """The dtype the weights load in (the non-quantised ones stay in it unless upcast)."""
     import torch
 
     if device == "cuda" and not torch.cuda.is_bf16_supported():
@@ -56,38 +57,49 @@ def lora_config(settings: ModelSettings) -> LoraConfig:
     )
 
 
+def hub_kwargs(settings: ModelSettings) -> dict[str, object]:
+    """What every from_pretrained of the model gets: remote code only if configured, the pinned revision."""
+    return {"trust_remote_code": settings.trust_remote_code, "revision": settings.revision or None}
+
+
+def bnb_config(settings: ModelSettings):  # -> BitsAndBytesConfig | None (import kept lazy)
+    """4-bit: `settings.quant_type` (fp4 = the template's `load_in_4bit=True` default) computing in
+    `settings.compute_dtype`; 8-bit: int8; 0: none."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if settings.quantization == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=settings.quant_type,
+            bnb_4bit_compute_dtype=getattr(torch, settings.compute_dtype),
+            bnb_4bit_use_double_quant=False,
+        )
+    if settings.quantization == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
 def load_tokenizer(settings: ModelSettings) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model(settings.name), trust_remote_code=settings.trust_remote_code
-    )
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings.name), **hub_kwargs(settings))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_base_model(settings: ModelSettings, device: str) -> PreTrainedModel:
-    """The frozen base model, quantised on load to nf4 (4) or int8 (8), or plain (0)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """The frozen base model, quantised on load (4: fp4/nf4, 8: int8) or plain (0). The weights load in
+    bf16 (fp16 on a GPU without bf16), as the template's `torch_dtype=torch.bfloat16`."""
+    from transformers import AutoModelForCausalLM
 
-    dtype = compute_dtype(device)
-    quantization = None
-    if settings.quantization == 4:
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=False,
-        )
-    elif settings.quantization == 8:
-        quantization = BitsAndBytesConfig(load_in_8bit=True)
     return AutoModelForCausalLM.from_pretrained(
         resolve_model(settings.name),
-        quantization_config=quantization,
-        dtype=dtype,
+        quantization_config=bnb_config(settings),
+        dtype=compute_dtype(device),
         device_map={"": 0} if device == "cuda" else "cpu",
-        trust_remote_code=settings.trust_remote_code,
+        **hub_kwargs(settings),
     )
 
 
@@ -117,9 +129,7 @@ def initial_adapter_state(
     from peft.tuners.lora import LoraLayer
     from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
-    config = model_config or AutoConfig.from_pretrained(
-        resolve_model(settings.name), trust_remote_code=settings.trust_remote_code
-    )
+    config = model_config or AutoConfig.from_pretrained(resolve_model(settings.name), **hub_kwargs(settings))
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code)
         model = get_peft_model(base, lora_config(settings))
