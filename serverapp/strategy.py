@@ -108,7 +108,10 @@ class FedTuneAvg(FedAvg):
             wire, codec_config = codecs.encode_global_state(self._global, codec)
             reply_wire = codecs.upload_template(self._global, codec)
         leaderboard = packing.leaderboard_bytes(packing.specs_of(wire))
-        outgoing = packing.to_record(wire, transport)
+        # our last aggregate is already the packed float32 record: sent as is, not serialised twice
+        reuse = self._last is not None and arrays is self._last[0] and not codec.active
+        reuse = reuse and transport == "packed" and dtype == "float32"
+        outgoing = arrays if reuse else packing.to_record(wire, transport)
         sent = outgoing.count_bytes()
         # the reply may come packed or per-tensor: the oversize bound of each form needs the packed size
         same = transport == "packed" and reply_wire is wire
@@ -207,7 +210,7 @@ class FedTuneAvg(FedAvg):
             log.warning("round %d: no acceptable update; the global adapter stays as it was", current)
         arrays_out, metrics = None, None
         if new_state is not None:
-            arrays_out = packing.per_tensor(new_state)
+            arrays_out = packing.pack(new_state)  # float32; the next round sends it as is when it can
             self._last = (arrays_out, new_state)
             metrics = train_metrics(accepted)
         aggregate_seconds = time.perf_counter() - started

@@ -267,3 +267,16 @@ def test_model_helpers_read_both_forms():
     for record in (packing.pack(state), packing.per_tensor(state)):
         tensors = arrays_to_state(record)
         assert all(tensors[k].numpy().tobytes() == state[k].tobytes() for k in state)
+
+
+def test_a_truncated_or_padded_payload_is_rejected_and_views_are_read_only():
+    record = packing.pack(random_state(11, np.float32))
+    key = PREFIX + "float32"
+    data = bytes(record[key].data)
+    for bad in (data[:-4], data + b"\0\0\0\0"):
+        record[key] = Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=bad)
+        with pytest.raises(PackingError, match="payload holds"):
+            packing.unpack(record)
+    arrays = packing.unpack(packing.pack(random_state(11, np.float32))).arrays
+    with pytest.raises(ValueError):  # zero-copy views of the received bytes: nobody writes into them
+        next(iter(arrays.values()))[...] = 0

@@ -60,6 +60,13 @@ def configure(strategy, server_round=1):
         return list(strategy.configure_train(server_round, record(0.0, 0.0), ConfigRecord(), TwoNodeGrid()))
 
 
+def unpacked(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """The aggregate's tensors (FedTuneAvg returns the packed float32 record)."""
+    from fedtune import packing
+
+    return packing.unpack(arrays).arrays
+
+
 def npy_bytes(array: np.ndarray) -> int:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -75,7 +82,7 @@ def test_fedavg_weights_by_examples_and_counts_bytes(tmp_path):
     arrays, metrics = strategy.aggregate_train(1, replies)
     strategy.finish()  # the checkpoint writer thread
 
-    a, b = arrays[KEYS[0]].numpy(), arrays[KEYS[1]].numpy()
+    a, b = unpacked(arrays)[KEYS[0]], unpacked(arrays)[KEYS[1]]
     np.testing.assert_allclose(a, (10 * 1.0 + 30 * 4.0) / 40)
     np.testing.assert_allclose(b, (10 * 2.0 + 30 * 8.0) / 40)
     assert metrics["train-loss"] == pytest.approx((10 * 2.0 + 30 * 1.0) / 40)
@@ -139,7 +146,7 @@ def test_bad_updates_are_rejected_before_aggregation(tmp_path, bad_arrays, num_e
     good = reply_to(sent[0], record(2.0, 2.0), 10)
     bad = reply_to(sent[1], bad_arrays, num_examples)
     arrays, _ = strategy.aggregate_train(1, [good, bad])
-    np.testing.assert_allclose(arrays[KEYS[0]].numpy(), 2.0)  # only the good update counts
+    np.testing.assert_allclose(unpacked(arrays)[KEYS[0]], 2.0)  # only the good update counts
     assert strategy.results.results.rounds[0].rejected == {"22": reason}
     assert strategy.results.results.rounds[0].rejections == {reason: 1}
 
@@ -183,9 +190,9 @@ def test_bf16_transport_halves_the_array_bytes_and_aggregates_in_fp32(tmp_path):
     arrays, _ = strategy.aggregate_train(
         1, [reply_to(sent[0], bf16(1.0, 2.0), 1), reply_to(sent[1], bf16(3.0, 4.0), 1)]
     )
-    assert arrays[KEYS[0]].numpy().dtype == np.float32
-    np.testing.assert_allclose(arrays[KEYS[0]].numpy(), 2.0)
-    np.testing.assert_allclose(arrays[KEYS[1]].numpy(), 3.0)
+    assert unpacked(arrays)[KEYS[0]].dtype == np.float32
+    np.testing.assert_allclose(unpacked(arrays)[KEYS[0]], 2.0)
+    np.testing.assert_allclose(unpacked(arrays)[KEYS[1]], 3.0)
 
 
 def test_ledger_carries_bytes_over_a_resume():
