@@ -54,9 +54,12 @@ def percent(accuracy: float | None) -> str:
     return NOT_AVAILABLE if accuracy is None else f"{100 * accuracy:.2f}"
 
 
-def render_table(methods: Sequence[tuple[str, dict[str, Any]]], budget_mb: float | None) -> str:
+def render_table(
+    methods: Sequence[tuple[str, dict[str, Any]]], budget_mb: float | None, title: str | None = None
+) -> str:
     """The reference submission's table: one row per method, accuracies in % with 2 decimals,
-    the communication budget under it, then Other (not part of the average).
+    the communication budget under it, then Other (not part of the average); `title` (the protocol)
+    above it when given.
 
         |  | STEM | Social Sciences | Humanities | Average |
         | :---: | :---: | :---: | :---: | :---: |
@@ -67,7 +70,8 @@ def render_table(methods: Sequence[tuple[str, dict[str, Any]]], budget_mb: float
 
         Other (not in the average): base 25.00 · fedtune (adapter) 50.00
     """
-    lines = [
+    lines = [f"**{title}**", ""] if title else []
+    lines += [
         "|  | " + " | ".join(LEADERBOARD_CATEGORIES) + " | Average |",
         "| " + " | ".join([":---:"] * (len(LEADERBOARD_CATEGORIES) + 2)) + " |",
     ]

@@ -75,8 +75,11 @@ def test_lm_eval_gives_the_same_accuracy(
         main(
             [
                 "eval",
+                "--protocol",
+                "lm-eval",
                 "--adapter",
                 str(adapter_dir),
+                "--base-from-adapter",
                 "--mmlu",
                 str(mmlu_jsonl),
                 "--quantization",

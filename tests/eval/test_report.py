@@ -104,10 +104,31 @@ def test_budget_from_run_results(tmp_path: Path):
     ("argv", "message"),
     [
         (["--adapter", "/nonexistent/adapter"], "error: --adapter /nonexistent/adapter: no such folder"),
-        (["--adapter", "ADAPTER", "--mmlu", "/nonexistent/mmlu"], "error: --mmlu /nonexistent/mmlu: no such"),
-        (["--adapter", "ADAPTER"], "error: MMLU comes from the hub (cais/mmlu) but HF_HUB_OFFLINE is set"),
+        (["--adapter", "ADAPTER"], "error: pass --base-model NAME_OR_PATH, or --base-from-adapter"),
         (
-            ["--adapter", "ADAPTER", "--results", "/nonexistent/results.json", "--mmlu", "x"],
+            ["--adapter", "ADAPTER", "--base-from-adapter", "--mmlu", "/nonexistent/mmlu"],
+            "error: --mmlu /nonexistent/mmlu: no such",
+        ),
+        (
+            ["--adapter", "ADAPTER", "--base-model", "x"],
+            "error: MMLU comes from the hub (lukaemon/mmlu) but HF_HUB_OFFLINE is set",
+        ),
+        (
+            ["--protocol", "lm-eval", "--adapter", "ADAPTER", "--base-model", "x"],
+            "error: MMLU comes from the hub (cais/mmlu) but HF_HUB_OFFLINE is set",
+        ),
+        (["--base-model", "x", "--quantization", "0"], "error: --quantization 0: the FlowerTune evaluator"),
+        (
+            [
+                "--adapter",
+                "ADAPTER",
+                "--base-model",
+                "x",
+                "--results",
+                "/nonexistent/results.json",
+                "--mmlu",
+                "x",
+            ],
             "error: --results /nonexistent/results.json: no such file",
         ),
     ],

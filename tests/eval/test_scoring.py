@@ -1,4 +1,4 @@
-"""`fedtune eval` on the embedded SmolLM2 (nf4, as in training) + a perturbed adapter: its accuracies equal a
+"""`fedtune eval --protocol lm-eval` on the embedded SmolLM2 (4-bit fp4, as in training) + a perturbed adapter: its accuracies equal a
 count made here, one question at a time, from the model's own next-token logits.
 
 Batch size 1 here: bitsandbytes' CPU 4-bit kernels give slightly different logits (about 0.1) for a row
@@ -26,8 +26,11 @@ def eval_run(run_dir: Path, mmlu_dir: Path, tmp_path_factory: pytest.TempPathFac
     code = main(
         [
             "eval",
+            "--protocol",
+            "lm-eval",
             "--adapter",
             str(run_dir / "adapter"),
+            "--base-from-adapter",
             "--mmlu",
             str(mmlu_dir),
             "--limit",
@@ -64,14 +67,14 @@ def _prompt(row: dict) -> str:
 def _independent_predictions(
     smollm2_dir: Path, adapter: Path, rows: list[dict]
 ) -> dict[str, list[list[float]]]:
-    """Unbatched, unpadded forward passes of the same nf4 model; logits of ' A'..' D' at the last token."""
+    """Unbatched, unpadded forward passes of the same 4-bit (fp4) model; logits of ' A'..' D' at the last token."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32
     )
     base = AutoModelForCausalLM.from_pretrained(
         smollm2_dir, quantization_config=quant, dtype=torch.float32, device_map="cpu"
