@@ -187,7 +187,11 @@ KEYS: dict[str, _Key] = {
     "strategy.fraction-train": _Key(
         ("strategy", "fraction_train"), float, _positive_fraction, "in (0, 1] (0 trains no node)"
     ),
-    "strategy.fraction-evaluate": _Key(("strategy", "fraction_evaluate"), float, _fraction, "in [0, 1]"),
+    # the ClientApp answers train messages only: evaluation runs after training (`fedtune eval`)
+    "strategy.fraction-evaluate": _Key(
+        ("strategy", "fraction_evaluate"), float, lambda v: v == 0,
+        "0 (the fedtune ClientApp does no federated evaluation; score adapters with `fedtune eval`)",
+    ),
     "strategy.min-train-nodes": _Key(("strategy", "min_train_nodes"), int, _positive, "> 0"),
     "strategy.min-available-nodes": _Key(("strategy", "min_available_nodes"), int, _positive, "> 0"),
     "strategy.round-timeout": _Key(("strategy", "round_timeout"), float, _positive, "> 0 seconds"),

@@ -55,6 +55,7 @@ def test_learning_rate_is_cosine_across_rounds():
         ("strategy.fraction-train", 0, "strategy.fraction-train=0.0: must be in (0, 1] (0 trains no node)"),
         ("comm.transport", "zip", "comm.transport='zip': must be one of ('packed', 'per-tensor')"),
         ("strategy.max-num-examples", 0, "strategy.max-num-examples=0: must be > 0"),
+        ("strategy.fraction-evaluate", 0.5, "strategy.fraction-evaluate=0.5: must be 0 (the fedtune ClientApp does no"),
         ("model.quantization", 3, "model.quantization=3: must be one of (0, 4, 8)"),
         ("model.lora.r", -4, "model.lora.r=-4: must be > 0"),
         ("model.lora.target-modules", " , ", "model.lora.target-modules"),
