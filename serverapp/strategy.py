@@ -285,10 +285,11 @@ class FedTuneAvg(FedAvg):
             targets.append(self.results.checkpoint_dir(current))
             record.checkpoint = str(targets[-1])
         extra = {"round": current, "budget_bytes": record.budget_bytes}
+        record.duration_seconds = time.monotonic() - self._started.get(current, (0.0, time.monotonic()))[1]
+        # the record first: the writer thread stamps it when the checkpoint is on disk
+        self.results.add_round(record, self.ledger.total_bytes, self.ledger.total_sent_bytes)
         # waits for the previous round's write (normally long done), then writes while the next round runs
         self.writer.submit(CheckpointJob(current, state, targets, extra))
-        record.duration_seconds = time.monotonic() - self._started.get(current, (0.0, time.monotonic()))[1]
-        self.results.add_round(record, self.ledger.total_bytes, self.ledger.total_sent_bytes)
         log.info(
             "round %d: loss %s | down %.2f MB, up %.2f MB (sent %.2f / %.2f MB) | budget %.2f MB "
             "(limit %.0f MB) | %.1f s",
