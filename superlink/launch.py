@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -36,10 +37,13 @@ from pathlib import Path
 
 from fedtune.certs import DEFAULT_SANS, TlsFiles, certificate_sans, check_server_files
 from fedtune.errors import FedTuneError, one_line_errors
-from fedtune.exporter import start_sidecar
+from fedtune.logs import configure_logging
+from fedtune.metrics.sidecar import start_sidecar
 from fedtune.preflight import OneLineParser, env_port, port_arg, port_or_zero_arg
 from fedtune.runtime_env import env_flag, env_tristate, find_executable, flwr_env, passthrough
 from superlink import proxy
+
+log = logging.getLogger("fedtune.superlink")
 
 DEFAULT_PORT = proxy.DEFAULT_PUBLIC_PORT  # what SuperNodes dial (the proxy; with --insecure the SuperLink)
 DEFAULT_INTERNAL_PORT = proxy.DEFAULT_INTERNAL_PORT  # Flower's SuperLink, 127.0.0.1 only
@@ -267,16 +271,19 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
         conf = proxy.write(proxy_config(args, runtime_dir))
         proxy.check(nginx, conf)  # a bad certificate or a taken port: one line before anything starts
     host, port = superlink_address(args)
+    configure_logging(component="superlink")  # these lines too are JSON where machines read the log
     if args.insecure:
-        print(f"warning: --insecure: every API (Fleet, Control, Runtime) is plain HTTP on {host}:{port}",
-              file=sys.stderr)
+        log.warning("--insecure: every API (Fleet, Control, Runtime) is plain HTTP on %s:%s", host, port)
     elif args.proxy:
-        print(f"SuperLink on https://{host}:{port} (this host only); Fleet-only proxy on "
-              f"https://{args.host}:{args.port} (nginx, 403 for Control/Runtime)")
+        log.info(
+            "SuperLink on https://%s:%s (this host only); Fleet-only proxy on https://%s:%s "
+            "(nginx, 403 for Control/Runtime)", host, port, args.host, args.port,
+        )
     else:
-        print(f"SuperLink on https://{host}:{port} (this host only); --no-proxy: no Fleet proxy here")
+        log.info("SuperLink on https://%s:%s (this host only); --no-proxy: no Fleet proxy here", host, port)
     if args.enable_supernode_auth:
-        print("SuperNode authentication is on: only SuperNodes with registered keys may join (fedtune-keys)")
+        log.info("SuperNode authentication is on: only SuperNodes with registered keys may join "
+                 "(fedtune-keys)")
     # the metrics exporter (FEDTUNE_METRICS_PORT, docs/observability.md); it polls 127.0.0.1:--internal-port
     start_sidecar(args)
     sys.stdout.flush()
