@@ -49,7 +49,17 @@ def b_only(state: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tens
 
 
 def set_a_trainable(model: Any, trainable: bool) -> None:
-    """Freeze (FFA-LoRA) or unfreeze the A matrices; a model kept warm across runs may switch."""
+    """Freeze (FFA-LoRA) or unfreeze the A matrices; a model kept warm across runs may switch.
+
+    On a k-bit model trl puts the trainable LoRA weights in bf16 (QLoRA's recipe) when the trainer is built; a
+    frozen A is not touched by it, so it is put in bf16 here to match its B (the A values a node computes with
+    are then the seeded ones rounded to bf16: relative error <= 2^-9)."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantised = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
     for name, param in model.named_parameters():
         if ".lora_A." in name:
             param.requires_grad_(trainable)
+            if not trainable and quantised and param.dtype != torch.bfloat16:
+                param.data = param.data.to(torch.bfloat16)
