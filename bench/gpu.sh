@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The issue-7 benchmark on a GPU machine with no package index: wheels carried in .wheels/ (bench/README.md).
-#   bash bench/gpu.sh sweep    # speed variants, one process, model loaded once
-#   bash bench/gpu.sh rounds   # whole SuperNode rounds: fresh ClientApp processes, naive and warm trainer
+# The GPU benchmarks on a machine with no package index: wheels carried in .whl/ or .wheels/ (bench/README.md),
+# and, where the image has none, the nginx binary as .whl/nginx (the SuperLink's Fleet-only proxy).
+#   bash bench/gpu.sh sweep       # speed variants, one process, model loaded once
+#   bash bench/gpu.sh rounds      # whole SuperNode rounds: fresh ClientApp processes, naive and warm trainer
+#   bash bench/gpu.sh federation  # the whole federation (bench/federation.py): TLS SuperLink + auth,
+#                                 # 2 SuperNodes with warm trainers, flwr run; FED_RUNS, FED_ROUNDS, FED_ARGS
+#   bash bench/gpu.sh smoke       # versions + the model: check the install, nothing else
 # Results: $OUT (or bench/out/results), the model and data in $BENCH_WORK (default /tmp/fedtune-bench).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 HF_HUB_OFFLINE=1 \
@@ -9,12 +13,23 @@ export PYTHONUNBUFFERED=1 FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 H
 RESULTS=${OUT:-bench/out/results}
 WORK=${BENCH_WORK:-/tmp/fedtune-bench}
 mkdir -p "$RESULTS"
-if ls .wheels/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .wheels/*.whl \
+WHEELS=$(ls .whl/*.whl .wheels/*.whl 2>/dev/null)
+if [ -n "$WHEELS" ] && [ ! -f /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $WHEELS \
     || exit 1
+  touch /tmp/site/.installed
+fi
+if [ -d /tmp/site ]; then
   export PYTHONPATH=/tmp/site:$PWD
+  # console scripts (flower-supernode, flwr, flwr-clientapp, ...) next to python3: fedtune finds them there
+  PYBIN=$(python3 -c 'import os, sys; print(os.path.dirname(sys.executable))')
+  for f in /tmp/site/bin/*; do ln -sf "$f" "$PYBIN/" 2>/dev/null; done
+  mkdir -p /tmp/site-bin && export PATH=$PYBIN:/tmp/site-bin:$PATH
 else
   export PYTHONPATH=$PWD
+fi
+if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ] && [ -f .whl/nginx ]; then
+  install -m 0755 .whl/nginx /tmp/site-bin/nginx
 fi
 python3 - <<'PY' | tee "$RESULTS/versions.txt"
 import platform, torch, transformers, peft, bitsandbytes, trl, datasets, flwr
@@ -45,6 +60,14 @@ if v.get("fits_card_cap") is not True:
         "model.gradient-checkpointing = false", "model.gradient-checkpointing-every = 2")
     open("profiles/fast.toml", "w").write(text)
 PY
+    ;;
+  smoke)
+    python3 -c "import flwr, bitsandbytes, trl; print('imports ok')" && command -v flower-superlink flwr nginx
+    ;;
+  federation)  # FED_RUNS="reference:packed,reference:per-tensor,fast:packed,fast:per-tensor", FED_ROUNDS=2
+    python3 -m bench.federation --work "$WORK" --nodes "${FED_NODES:-2}" --rounds "${FED_ROUNDS:-2}" \
+      --runs "${FED_RUNS:-reference:per-tensor,reference:packed}" --json "$RESULTS/federation${FED_TAG:-}.json" \
+      ${FED_ARGS:-} 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]" | tee "$RESULTS/federation${FED_TAG:-}.txt"
     ;;
   rounds)  # ROUND_MODES="naive warm" (default) or one of them; WARM_ROUNDS rounds per profile when warm
     for mode in ${ROUND_MODES:-naive warm}; do

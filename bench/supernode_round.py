@@ -104,12 +104,13 @@ def profile_overrides(name: str) -> dict[str, Any]:
 # ---- prepare -------------------------------------------------------------------------------------------
 
 
-def prepare(out: Path, tiny: bool, device: str) -> None:
+def prepare(out: Path, tiny: bool | str, device: str) -> None:
+    """`tiny`: False = the InternLM3-8B shape, True or "tiny" = 2 layers, "deep-tiny" = 48 narrow layers."""
     from dataclasses import asdict
 
-    from bench.synthetic import INTERNLM3_8B, TINY, alpaca_like_rows, build_model_dir, write_rows
+    from bench.synthetic import DEEP_TINY, INTERNLM3_8B, TINY, alpaca_like_rows, build_model_dir, write_rows
 
-    shape = TINY if tiny else INTERNLM3_8B
+    shape = {"tiny": TINY, "deep-tiny": DEEP_TINY}.get(str(tiny), TINY) if tiny else INTERNLM3_8B
     p = paths(out)
     out.mkdir(parents=True, exist_ok=True)
     p["shape"].write_text(json.dumps(asdict(shape)))
@@ -660,6 +661,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("prepare")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, hidden-256 model of the same family (CPU)")
+    p.add_argument(
+        "--deep-tiny", dest="tiny", action="store_const", const="deep-tiny",
+        help="48 layers of hidden 64: the 8B's 384 adapter tensors at CPU size (transport timing)",
+    )
     p.add_argument("--device", default=None)
     s = sub.add_parser("sweep")
     s.add_argument("--out", type=Path, default=REPO / "bench" / "out")

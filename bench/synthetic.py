@@ -24,6 +24,14 @@ import numpy as np
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 ROLE_TOKENS = ["system", "user", "assistant"]
+# The words of the FlowerTune template's prompt (clientapp/flowertune_format.py, the default
+# train.prompt-format): whitespace-split, so its response tag `### Response:` is two tokens here
+TEMPLATE_WORDS = [
+    "###", "Below", "Instruction:", "Response:", "Write", "a", "an", "appropriately", "completes",
+    "describes",
+    "instruction", "is", "request.", "response", "task.", "that", "the",
+]
+NEWLINE = "<nl>"
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -94,19 +102,25 @@ INTERNLM3_8B = Shape(
     hidden=4096, intermediate=10240, layers=48, heads=32, kv_heads=2, head_dim=128, vocab=128512
 )
 TINY = Shape(hidden=256, intermediate=640, layers=2, heads=4, kv_heads=2, head_dim=64, vocab=4096)
+# The 8B's 48 layers (so its adapter is the same 384 tensors on the wire) at a CPU-sized width: for timing the
+# per-object transport cost without a GPU (bench/federation.py)
+DEEP_TINY = Shape(hidden=64, intermediate=128, layers=48, heads=4, kv_heads=2, head_dim=16, vocab=4096)
 H100_BF16_DENSE_FLOPS = 989.4e12  # H100 SXM datasheet, dense bf16
 
 
 def build_tokenizer(vocab_size: int):
     """A word-level tokenizer: 'w<i>' words, InternLM-like special tokens and chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    fixed = SPECIAL_TOKENS + ROLE_TOKENS
+    fixed = SPECIAL_TOKENS + ROLE_TOKENS + TEMPLATE_WORDS + [NEWLINE]
     vocab = {token: i for i, token in enumerate(fixed)}
     for i in range(vocab_size - len(fixed)):
         vocab[f"w{i}"] = len(fixed) + i
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # A line break is two tokens, as in Llama-family BPE (the FlowerTune template drops the first two tokens
+    # of its encoded "\n### Response:" tag for that reason)
+    core.normalizer = normalizers.Replace("\n", f" {NEWLINE} {NEWLINE} ")
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -127,7 +141,7 @@ def _lognormal_lengths(rng: np.random.Generator, n: int, median: float, sigma: f
 def alpaca_like_rows(n: int, seed: int, vocab_size: int) -> list[dict[str, str]]:
     """Alpaca-format rows (instruction, input, output) of synthetic words, Zipf-distributed."""
     rng = np.random.default_rng(seed)
-    words = vocab_size - len(SPECIAL_TOKENS) - len(ROLE_TOKENS)
+    words = vocab_size - len(SPECIAL_TOKENS) - len(ROLE_TOKENS) - len(TEMPLATE_WORDS) - 1
     ranks = np.arange(1, words + 1, dtype=np.float64)
     cdf = np.cumsum(1.0 / (ranks + 20.0) ** 1.05)
     cdf /= cdf[-1]
