@@ -22,7 +22,6 @@ from clientapp.warm.protocol import SOCKET_NODE_CONFIG_KEY
 from fedtune.certs import check_ca_file
 from fedtune.dataset import check_local_data
 from fedtune.errors import FedTuneError, one_line_errors
-from fedtune.logs import exec_args
 from fedtune.preflight import OneLineParser, env_int, env_port, port_arg
 from fedtune.runtime_env import env_flag, find_executable, flwr_env, passthrough, require_file
 from supernode import warm_trainer
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         print(" ".join(cmd))
         return
-    executable = find_executable(cmd[0])
+    find_executable(cmd[0])  # flwr must be installed: one clear line if not
     if args.warm_trainer:  # a supervised child that outlives this exec and ends with flower-supernode
         if args.warm_trainer_preload:
             require_file(args.warm_trainer_preload, "--warm-trainer-preload run config")
@@ -194,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         status = warm_trainer.wait_ready(trainer_socket(args), supervisor)
         print(f"warm trainer ready (pid {status.get('pid')}) at {trainer_socket(args)}", flush=True)
     sys.stdout.flush()
-    os.execve(*exec_args(executable, cmd), flwr_env())  # flwr's log lines through fedtune.logs
+    # Flower's CLI through supernode.flower_entry: shorter idle poll, flwr's log lines through fedtune.logs
+    os.execve(sys.executable, [sys.executable, "-m", "supernode.flower_entry", *cmd[1:]], flwr_env())
 
 
 if __name__ == "__main__":

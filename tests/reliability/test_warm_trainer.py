@@ -342,3 +342,22 @@ def test_a_dead_trainer_is_started_again(tmp_path):
         supervisor.wait(timeout=30)
     time.sleep(0.5)
     assert _processes_mentioning(str(sock)) == []
+
+
+def test_supernode_entry_shortens_only_flowers_fixed_waits(monkeypatch):
+    """supernode/flower_entry.py: the idle poll (3 s) and the reply check (0.5 s) shrink; any other wait stays."""
+    import flwr.supernode.start_client_internal as internal
+
+    from supernode import flower_entry
+
+    slept: list[float] = []
+    monkeypatch.setattr(flower_entry.time, "sleep", slept.append)
+    clock = flower_entry.patched_clock(0.7)
+    for seconds in (3, 0.5, 2.0):
+        clock.sleep(seconds)
+    assert slept == [0.7, flower_entry.REPLY_CHECK_S, 2.0]
+    assert clock.time is time.time and clock.monotonic is time.monotonic
+    assert internal.time is time  # what main() replaces: start_client_internal's own `time`
+    monkeypatch.setenv(flower_entry.POLL_ENV, "abc")
+    with pytest.raises(SystemExit, match="must be a number"):
+        flower_entry.poll_seconds()
