@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import flwr.serverapp.strategy.fedavg as fedavg
     import torch
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     from serverapp.strategy import FedTuneAvg
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    fedavg.sample_nodes = lambda grid, _min, size: ([11, 22], [11, 22])
+    fedavg.sample_nodes = lambda grid, min_available_nodes, sample_size: ([11, 22], [11, 22])
 
     class Grid:
         def get_node_ids(self):
@@ -61,11 +63,11 @@ def main(argv: list[str] | None = None) -> None:
         rng = np.random.default_rng(0)
         for rnd in range(1, args.rounds + 1):
             t0 = time.perf_counter()
-            sent = list(strategy.configure_train(rnd, arrays, ConfigRecord(), Grid()))
+            sent = list(strategy.configure_train(rnd, arrays, ConfigRecord(), cast(Any, Grid())))
             t_configure = time.perf_counter() - t0
             replies = []
             for i, message in enumerate(sent):
-                update = {k: v + float(rng.normal()) * 1e-3 for k, v in state.items()}
+                update = OrderedDict((k, v + float(rng.normal()) * 1e-3) for k, v in state.items())
                 content = RecordDict(
                     {
                         "arrays": state_to_arrays(update, args.transport),
@@ -82,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
             fp32 = [
                 RecordDict(
                     {
-                        "arrays": state_to_arrays(arrays_to_state(r.content["arrays"]), "float32"),
+                        "arrays": state_to_arrays(
+                            arrays_to_state(cast(ArrayRecord, r.content["arrays"])), "float32"
+                        ),
                         "metrics": r.content["metrics"],
                     }
                 )
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             aggregate_arrayrecords(fp32, "num-examples")
             t_fedavg = time.perf_counter() - t0
+            assert new_arrays is not None  # the honest replies above always aggregate
             arrays = new_arrays
             print(
                 f"round {rnd} ({args.transport}, {cfg.comm.transport}): "

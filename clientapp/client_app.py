@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import cast
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clientapp.round import NodeCache, run_round
@@ -30,10 +31,10 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     started_at = time.time()
     cfg = FedTuneConfig.from_run_config(context.run_config)
-    round_config = RoundConfig.from_config_record(msg.content["config"])
+    round_config = RoundConfig.from_config_record(cast(ConfigRecord, msg.content["config"]))
     configure_logging(run_id=msg.metadata.run_id, round=round_config.server_round, node_id=context.node_id)
     node_config = dict(context.node_config)
-    global_arrays: ArrayRecord = msg.content["arrays"]
+    global_arrays = cast(ArrayRecord, msg.content["arrays"])
     # issue 18 (comm.codec): the trainer gets the global in float32; the reply is encoded below
     codec, global_arrays = codecs.receive_global(global_arrays, round_config.codec, round_config.transport)
 

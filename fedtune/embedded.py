@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 from fedtune.atomic import write_text
 from fedtune.errors import FedTuneError
@@ -77,7 +78,7 @@ def embedded_model_dir() -> Path:
             quantization_config=GgufConfig(gguf_file=source.name, dequantize=True),
         )
         # A GGUF-loaded model is marked quantised and refuses to save; it is plain bf16 by now.
-        model.hf_quantizer = None
+        cast(Any, model).hf_quantizer = None  # typed as a quantizer; None is what turns it off
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -103,7 +104,8 @@ class FedTuneAvg(FedAvg):
         self._global = self._state_of(arrays)
         transport, dtype = self.cfg.comm.transport, self.cfg.model.transport_dtype
         wire = packing.encode(self._global, dtype)  # float32: the same arrays, no copy
-        codec, codec_config, reply_wire = self.cfg.comm.spec(), {}, wire
+        codec, reply_wire = self.cfg.comm.spec(), wire
+        codec_config: dict[str, Any] = {}
         if codec.active:  # issue 18: the download codec; replies come in the upload codec's layout
             wire, codec_config = codecs.encode_global_state(self._global, codec)
             reply_wire = codecs.upload_template(self._global, codec)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any, cast
 
 DEFAULT_BUSY_TIMEOUT_MS = 60_000
 
@@ -22,14 +23,15 @@ def main() -> None:
 
     timeout_ms = int(os.environ.get("FEDTUNE_SQLITE_BUSY_TIMEOUT_MS", DEFAULT_BUSY_TIMEOUT_MS))
     # read per connection by sql_mixin._set_sqlite_pragmas, so replacing the module global suffices
-    sql_mixin.SQLITE_PRAGMAS = tuple(
+    cast(Any, sql_mixin).SQLITE_PRAGMAS = tuple(
         (name, str(timeout_ms) if name == "busy_timeout" else value)
         for name, value in sql_mixin.SQLITE_PRAGMAS
     )
     argv = ["flower-superlink", *sys.argv[1:]]
     if os.environ.get(FORMAT_ENV, "").strip().lower() == "flwr":  # flwr's own log format
         sys.argv = argv
-        sys.exit(flower_superlink())
+        flower_superlink()
+        sys.exit(0)
     run_with_logging(flower_superlink, argv)
 
 

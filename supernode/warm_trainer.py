@@ -53,8 +53,8 @@ def private_socket(requested: str | None, clientapp_port: int) -> str:
     base = os.environ.get("XDG_RUNTIME_DIR")
     if not base or not Path(base).is_dir():
         base = None
-    folder = tempfile.mkdtemp(prefix=f"fedtune-warm-{clientapp_port}-", dir=base)  # 0700, unpredictable name
-    return str(Path(folder) / SOCKET_NAME)
+    made = tempfile.mkdtemp(prefix=f"fedtune-warm-{clientapp_port}-", dir=base)  # 0700, unpredictable name
+    return str(Path(made) / SOCKET_NAME)
 
 
 def compile_cache_dir(requested: str | None) -> str | None:

@@ -7,7 +7,7 @@ copy never passes through a lossy codec, so download rounding does not accumulat
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -55,7 +55,8 @@ def decode_reply(
     """(the node's adapter in float32, None), or (None, why the reply is refused)."""
     tag = content.config_records.get(TAG_RECORD)
     global_state = {k: a.numpy() for k, a in global_arrays.items()}
-    adapter, reason = decode_reply_arrays(record_to_numpy(content["arrays"]), tag, global_state, spec)
+    arrays = cast("ArrayRecord", content["arrays"])
+    adapter, reason = decode_reply_arrays(record_to_numpy(arrays), tag, global_state, spec)
     return (numpy_to_record(adapter) if adapter is not None else None), reason
 
 

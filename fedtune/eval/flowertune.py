@@ -32,7 +32,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fedtune.eval.categories import CATEGORIES, SUBJECTS_BY_CATEGORY
 from fedtune.eval.data import LETTERS, Question
@@ -142,7 +142,7 @@ def generate(
             max_new_tokens = len(tokenizer(golds[start], add_special_tokens=False)["input_ids"])
             for i in batch:
                 input_ids = tokenizer.encode(wrap(prompts[i]), return_tensors="pt").to(device)
-                output_ids = model.generate(
+                output_ids = cast(Any, model).generate(
                     inputs=input_ids,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
@@ -150,9 +150,9 @@ def generate(
                     temperature=1.0,
                     pad_token_id=tokenizer.eos_token_id,
                 )
-                by_prompt[prompts[i]] = tokenizer.decode(
+                by_prompt[prompts[i]] = cast(str, tokenizer.decode(
                     output_ids[0][len(input_ids[0]) :], skip_special_tokens=True
-                )
+                ))
                 if on_question is not None:
                     on_question()
     return [Generated(q, p, g, by_prompt[p]) for q, p, g in zip(questions, prompts, golds, strict=True)]
