@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import TypeVar
+from typing import TypeVar, cast
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -25,4 +25,4 @@ def one_line_errors(func: F) -> F:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)  # same signature: functools.wraps
