@@ -167,7 +167,8 @@ class State:
     def refresh(self) -> None:
         now = time.time()
         fresh: dict[Path, RunView] = {}
-        for path, st in self._candidates().items():
+        candidates = self._candidates()
+        for path, st in candidates.items():
             stamp = (st.st_mtime_ns, st.st_size)
             view = self.runs.get(path)
             if view is not None and view.stamp == stamp:
@@ -189,7 +190,7 @@ class State:
             else:
                 new.last_round_at = view.last_round_at
             fresh[path] = new
-        self._bad = {p: s for p, s in self._bad.items() if p in fresh or p in self.runs}
+        self._bad = {p: s for p, s in self._bad.items() if p in candidates}  # still there: still bad
         with self.lock:
             self.runs = fresh
             self.last_refresh = now

@@ -108,8 +108,11 @@ def test_garbage_results_files_never_stop_a_scan(tmp_path, exporter):
         (root / f"g{run}" / "results.json").write_text(text)
     write_results(root, 7, [round_record(1, {"11": 10})])
     exporter.state.refresh()
-    exporter.state.refresh()  # counted once per file version
+    once = errors(scrape(exporter.port), "results")
+    exporter.state.refresh()
+    exporter.state.refresh()
     s = scrape(exporter.port)
+    assert errors(s, "results") == once  # counted (and logged) once per file version, not once per scan
     assert get(s, "fedtune_round", run_id=7) == 1
     assert errors(s, "results") + errors(s, "collect") >= 4
 
