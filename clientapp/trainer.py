@@ -167,8 +167,10 @@ def set_non_quantized_dtype(model: PeftModel, dtype: Any) -> None:
         dtype = getattr(quantization, "bnb_4bit_compute_dtype", None) or torch.bfloat16
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-    for param in base.parameters():
+    for name, param in base.named_parameters():
         if param.requires_grad or param.__class__.__name__ in {"Params4bit", "Int8Params"}:
+            continue
+        if ".lora_" in name:  # a frozen adapter weight (FFA-LoRA's A, issue 18) stays in its adapter's dtype
             continue
         if param.dtype in (torch.float32, torch.bfloat16, torch.float16) and param.dtype != dtype:
             param.data = param.data.to(dtype)
