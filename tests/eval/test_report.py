@@ -14,6 +14,8 @@ from fedtune.eval.data import Question
 from fedtune.eval.report import find_run_results, read_budget, render_table, summarize
 
 DOCUMENTED = """\
+**MMLU · FlowerTune protocol (the leaderboard's evaluator)**
+
 |  | STEM | Social Sciences | Humanities | Average |
 | :---: | :---: | :---: | :---: | :---: |
 | base | 25.00 | 50.00 | 33.33 | 36.11 |
@@ -68,8 +70,15 @@ def test_summary_and_table_render_exactly_as_documented():
     assert s_base["average"] == pytest.approx((0.25 + 0.5 + 1 / 3) / 3)  # mean of three, Other left out
     assert s_base["overall"] == {"correct": 4, "total": 13, "accuracy": 4 / 13}
     assert s_tuned["subjects"]["anatomy"] == {"correct": 1, "total": 1, "accuracy": 1.0}
-    table = render_table([("base", s_base), ("fedtune (adapter)", s_tuned)], 2942.7851)
+    from fedtune.eval.command import TITLES
+
+    table = render_table([("base", s_base), ("fedtune (adapter)", s_tuned)], 2942.7851, TITLES["flowertune"])
     assert table == DOCUMENTED
+    untitled = render_table([("base", s_base), ("fedtune (adapter)", s_tuned)], 2942.7851)
+    assert untitled == DOCUMENTED.split("\n\n", 1)[1]
+    assert render_table([], None, TITLES["lm-eval"]).startswith(
+        "**MMLU · lm-eval protocol (letter logits): not"
+    )
     docs = Path(__file__).resolve().parents[2] / "docs" / "eval.md"
     assert DOCUMENTED in docs.read_text(encoding="utf-8"), "docs/eval.md shows another table"
 
