@@ -18,7 +18,7 @@ FIGURES: dict[str, str] = {
     "node_bytes": "Bytes per node and direction",
     "phases": "Round time by phase",
 }
-_PHASE_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c0c0c0")
+_PHASE_COLOURS = ("#4c72b0", "#8172b3", "#dd8452", "#c44e52", "#55a868", "#c0c0c0")
 
 
 def _figure(draw: Callable[[Axes], None], width: float = 6.4, height: float = 3.4) -> bytes:
@@ -109,9 +109,9 @@ def phases(view: RunView) -> bytes:
             ax.bar(xs, values, bottom=bottom, label=label, color=colour)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         ax.set_xlabel("round")
-        ax.set_ylabel("seconds")
+        ax.set_ylabel("seconds (slowest node)")
         ax.set_xticks(xs)
-        ax.legend(fontsize=8)
+        ax.figure.legend(loc="outside lower center", ncols=3, fontsize=8)
         ax.grid(alpha=0.3, axis="y")
 
     return _figure(draw)

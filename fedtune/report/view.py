@@ -23,10 +23,14 @@ EVAL_RESULTS = Path("eval") / "mmlu_results.json"  # where `fedtune eval` writes
 # Round phases in the order they happen (RoundTimeline of fedtune/results.py), with their labels.
 PHASES = (
     ("send", "send to nodes"),
-    ("nodes", "nodes train + transfer"),
+    ("wait", "transfer + waiting"),
+    ("setup", "node: data + model load"),
+    ("train", "node: train"),
     ("aggregate", "aggregate"),
     ("other", "results + other"),
 )
+# the ClientApp's stages (reply metrics `time-*`) that are set-up rather than training
+_SETUP_STAGES = ("data", "model_load", "adapter_in", "trainer_setup", "adapter_out")
 
 
 @dataclass
@@ -110,20 +114,30 @@ def _get(mapping: dict[str, Any], key: str, default: Any = None) -> Any:
 
 
 def _phases(record: dict[str, Any], duration: float) -> dict[str, float]:
-    """Seconds per phase from the round's timeline; without one, the slowest node's training time."""
+    """Seconds per phase (PHASES, summing to the round's duration) from the round's timeline and the
+    slowest node's stages; without a timeline (older files), the slowest node's training time."""
     timeline = record.get("timeline") or {}
     marks = [timeline.get(k) for k in ("started", "sent", "all_replies", "aggregated")]
     times = [float(m) for m in marks if isinstance(m, (int, float))]
     phases = dict.fromkeys((key for key, _ in PHASES), 0.0)
+    stages = [_get(stats, "stage_seconds") or {} for stats in (record.get("nodes") or {}).values()]
+    slowest = max(stages, key=lambda st: sum(v for v in st.values() if isinstance(v, (int, float))),
+                  default={})
+    values = [_get(stats, "train_seconds") for stats in (record.get("nodes") or {}).values()]
+    train = float(slowest.get("train") or max((float(v) for v in values if isinstance(v, (int, float))),
+                                              default=0.0))
+    setup = sum(float(slowest.get(k) or 0.0) for k in _SETUP_STAGES)
     if len(times) == len(marks):
         started, sent, replies, aggregated = times
         phases["send"] = max(0.0, sent - started)
-        phases["nodes"] = max(0.0, replies - sent)
+        nodes = max(0.0, replies - sent)
+        phases["setup"] = min(setup, nodes)
+        phases["train"] = min(train, nodes - phases["setup"])
+        phases["wait"] = nodes - phases["setup"] - phases["train"]
         phases["aggregate"] = max(0.0, aggregated - replies)
     else:
-        values = [_get(stats, "train_seconds") for stats in (record.get("nodes") or {}).values()]
-        seconds = [float(v) for v in values if isinstance(v, (int, float))]
-        phases["nodes"] = min(max(seconds, default=0.0), duration)
+        phases["setup"] = min(setup, duration)
+        phases["train"] = min(train, duration - phases["setup"])
     phases["other"] = max(0.0, duration - sum(phases.values()))
     return phases
 

@@ -27,6 +27,7 @@ def _round(number: int, t0: float, nodes: dict[int, tuple[str, int, int]], loss:
         str(node_id): NodeRecord(node_id=node_id, status=status, partition_id=i, num_examples=40,
                                  train_loss=None if status == "failed" else 1.0 + i,
                                  train_seconds=30.0 + i, down_bytes=down, up_bytes=up,
+                                 stage_seconds={"data": 1.0, "model_load": 5.0 + i, "train": 20.0 + i},
                                  rejection="shape mismatch" if status == "rejected" else None,
                                  timeline=NodeTimeline(server_sent=t0 + 1))
         for i, (node_id, (status, down, up)) in enumerate(sorted(nodes.items()))
@@ -126,9 +127,17 @@ def check_report_in_browser(run_dir: Path, tmp_path: Path, artefact: str) -> Dom
 
     for row, record in zip(dom.tables["data-phases"], rounds, strict=True):
         timeline = record["timeline"]
-        assert _value(row["nodes"]) == pytest.approx(timeline["all_replies"] - timeline["sent"])
+        on_nodes = sum(_value(row[k]) for k in ("wait", "setup", "train"))
+        assert on_nodes == pytest.approx(timeline["all_replies"] - timeline["sent"])
+        assert _value(row["send"]) == pytest.approx(timeline["sent"] - timeline["started"])
+        assert _value(row["aggregate"]) == pytest.approx(timeline["aggregated"] - timeline["all_replies"])
+        stages = [n["stage_seconds"] for n in record["nodes"].values() if n["stage_seconds"]]
+        if stages:  # the slowest node's stages
+            slowest = max(stages, key=lambda st: sum(st.values()))
+            assert _value(row["train"]) == pytest.approx(slowest["train"])
+            assert _value(row["setup"]) == pytest.approx(sum(v for k, v in slowest.items() if k != "train"))
         assert _value(row["duration_s"]) == pytest.approx(record["duration_seconds"])
-        parts = sum(_value(row[k]) for k in ("send", "nodes", "aggregate", "other"))
+        parts = sum(_value(row[k]) for k in ("send", "wait", "setup", "train", "aggregate", "other"))
         assert parts == pytest.approx(record["duration_seconds"])
 
     problems = sum(len(r["failed"]) + len(r["rejected"]) for r in rounds)
