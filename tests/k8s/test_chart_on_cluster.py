@@ -31,7 +31,8 @@ import pytest
 
 from tests.k8s.conftest import REPO, Cluster, log
 
-pytestmark = pytest.mark.k8s
+# Setup (cluster, images, install) counts towards the first test's timeout: give the module room.
+pytestmark = [pytest.mark.k8s, pytest.mark.timeout(2400)]
 
 CHART = REPO / "helm" / "fedtune"
 VALUES = CHART / "ci" / "small-cpu-values.yaml"
@@ -42,10 +43,12 @@ FULL = f"{RELEASE}-fedtune"
 SUPERLINK = f"deploy/{FULL}-superlink"
 NODES = f"{FULL}-supernode"
 PODS = [f"{NODES}-0", f"{NODES}-1"]
-# Short runs on the embedded SmolLM2-135M: 2 rounds (the checkpoint of round 2 is a numbered copy too).
-RUN_1 = "num-server-rounds=2 train.max-steps=2 train.seq-length=64"
-RUN_2 = "num-server-rounds=2 train.max-steps=2 train.seq-length=64 train.seed=7"
-RUN_TIMEOUT_S = 900
+# Short runs on the embedded SmolLM2-135M (unquantized: bitsandbytes' 4-bit kernels are slow on a CPU, and
+# the deployment is what is tested here): one step per round, a numbered checkpoint every round.
+LIGHT = "model.quantization=0 train.max-steps=1 train.seq-length=160 train.save-every-round=1"
+RUN_1 = f"num-server-rounds=1 {LIGHT}"
+RUN_2 = f"num-server-rounds=2 {LIGHT} train.seed=7"
+RUN_TIMEOUT_S = 1200
 # A line the SuperNode logs once it has a round's message in hand (its ClientApp is starting).
 MID_ROUND_MARK = "clientapp"
 # A minimal ServiceMonitor CRD (no operator runs here): lets the chart's ServiceMonitor be applied and read.
@@ -100,13 +103,13 @@ class Release:
                 return run
         return {}
 
-    def wait_for_submission(self, tag: str, timeout: float = 240) -> int:
+    def wait_for_submission(self, tag: str, timeout: float = 600) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for record in self.control_records()["runs"]:
                 if str(record.get("request", {}).get("tag", "")) == tag and "run_id" in record:
                     return int(record["run_id"])
-                if record.get("error"):
+                if record.get("error") and int(record.get("attempts", 0)) >= 3:  # control.py gives up after 3
                     raise AssertionError(f"the control container could not submit the run: {record}")
             time.sleep(3)
         raise AssertionError(f"no run submitted for tag {tag!r} in {timeout:.0f} s:\n{self.logs()}")
@@ -179,6 +182,9 @@ def release(cluster: Cluster, k8s_images, tmp_path_factory) -> Any:
     cluster.kubectl("apply", "-f", "-", stdin=json.dumps(SERVICE_MONITOR_CRD))
     cluster.kubectl("wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com",
                     "--timeout=60s")
+    if cluster.helm("status", RELEASE, "-n", NS, check=False).returncode == 0:  # left by FEDTUNE_K8S_KEEP=1
+        cluster.helm("uninstall", RELEASE, "-n", NS, "--wait", check=False, timeout=240)
+    cluster.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=180s", timeout=240)
     t0 = time.monotonic()
     log(f"helm install {RELEASE} -f {VALUES.name} (run: {RUN_1})")
     try:
@@ -215,12 +221,12 @@ def test_install_runs_the_configured_run_to_completed(release):
     results, files = release.results(run_id)
     release.facts["run1"] = (run_id, results)
     assert info["status"] == "finished:completed", (results.get("error"), release.logs())
-    assert len(results["rounds"]) == 2
+    assert len(results["rounds"]) == 1
     assert results["budget_bytes"] > 0
-    # the global adapter of the last round, and the numbered checkpoint of round 2 (save-every-round = 2)
+    # the global adapter of the last round, and the numbered checkpoint of round 1 (save-every-round = 1)
     assert any(f.startswith("latest/") and f.endswith(".safetensors") for f in files), files
     assert any(f.startswith("latest/") and f.endswith("adapter_config.json") for f in files), files
-    assert any("2" in f.split("/")[0] and f.endswith(".safetensors") and not f.startswith("latest/")
+    assert any("1" in f.split("/")[0] and f.endswith(".safetensors") and not f.startswith("latest/")
                for f in files), files
 
 
