@@ -51,15 +51,27 @@ def b_only(state: OrderedDict[str, torch.Tensor]) -> OrderedDict[str, torch.Tens
 def set_a_trainable(model: Any, trainable: bool) -> None:
     """Freeze (FFA-LoRA) or unfreeze the A matrices; a model kept warm across runs may switch.
 
-    On a k-bit model trl puts the trainable LoRA weights in bf16 (QLoRA's recipe) when the trainer is built; a
-    frozen A is not touched by it, so it is put in bf16 here to match its B (the A values a node computes with
-    are then the seeded ones rounded to bf16: relative error <= 2^-9)."""
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    quantised = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+    Who casts which adapter weight to bf16 differs by path (trl puts the *trainable* LoRA weights of a k-bit
+    model in bf16; a frozen A keeps its dtype), so while A is frozen each B casts its input to its own dtype
+    (a forward pre-hook; the cast is differentiable)."""
     for name, param in model.named_parameters():
         if ".lora_A." in name:
             param.requires_grad_(trainable)
-            if not trainable and quantised and param.dtype != torch.bfloat16:
-                param.data = param.data.to(torch.bfloat16)
+    for module in model.modules():
+        lora_b = getattr(module, "lora_B", None)
+        if lora_b is None or not hasattr(lora_b, "values"):
+            continue
+        for linear in lora_b.values():
+            handle = linear.__dict__.pop("_fedtune_ffa_hook", None)
+            if handle is not None:
+                handle.remove()
+            if not trainable:
+                hook = linear.register_forward_pre_hook(_input_to_weight_dtype)
+                linear.__dict__["_fedtune_ffa_hook"] = hook
+
+
+def _input_to_weight_dtype(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    first = args[0]
+    if first.dtype != module.weight.dtype:
+        return (first.to(module.weight.dtype), *args[1:])
+    return args
