@@ -56,6 +56,8 @@ ROUND_HOPS = (
     ("aggregated", "aggregated"),
     ("checkpoint written", "checkpoint_written"),
 )
+# --superlink-db: what LocalFederation's SuperLink gets as --database (None: its SQLite file)
+DATABASES = {"file": None, "sqlite-memory": ":memory:", "flwr-memory": ":flwr-in-memory:"}
 LOG_EVENTS = {
     "Receiving: train message": "receiving",
     "Received successfully": "received",
@@ -307,13 +309,15 @@ def ensure_prepared(work: Path, shape: str | None) -> None:
     subprocess.run(cmd + ([f"--{shape}"] if shape else []), cwd=REPO, check=True)
 
 
-def run_config(work: Path, profile: str, transport: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_config(
+    work: Path, profile: str, transport: str, args: argparse.Namespace, rounds: int | None = None
+) -> dict[str, Any]:
     from bench.supernode_round import base_run_config
 
     config = base_run_config(work, profile_overrides(profile))
     config.update(
         {
-            "num-server-rounds": args.rounds,
+            "num-server-rounds": rounds or args.rounds,
             "strategy.fraction-train": 1.0,
             "strategy.min-train-nodes": args.nodes,
             "strategy.min-available-nodes": args.nodes,
@@ -364,10 +368,12 @@ def wait_finished(fed: Any, run_id: int, timeout: float) -> float:
     raise RuntimeError(f"run {run_id} did not finish within {timeout:.0f} s")
 
 
-def one_run(fed: Any, work: Path, profile: str, transport: str, args: argparse.Namespace) -> dict:
+def one_run(
+    fed: Any, work: Path, profile: str, transport: str, args: argparse.Namespace, rounds: int
+) -> dict:
     from fedtune.results import RunResults
 
-    config = run_config(work, profile, transport, args)
+    config = run_config(work, profile, transport, args, rounds)
     submitted = time.time()
     run_id = fed.submit(REPO, overrides=config)
     print(f"run {run_id} submitted: {profile} / {transport}", flush=True)
@@ -380,13 +386,16 @@ def one_run(fed: Any, work: Path, profile: str, transport: str, args: argparse.N
         if node_id is not None:
             logs[node_id] = stamps
     starts = [r.timeline.started for r in results.rounds[1:]] + [None]
-    rounds = [round_figures(r, logs, run_id, nxt) for r, nxt in zip(results.rounds, starts, strict=True)]
+    rounds = [round_figures(r, logs, run_id, nxt) for r, nxt in zip(results.rounds, starts, strict=False)]
+    if results.status != "completed":
+        print(f"run {run_id} ended {results.status}: {results.error}", flush=True)
     first = rounds[0]["started_at"] if rounds else None
     run = {
         "profile": profile,
         "transport": transport,
         "run_id": run_id,
         "status": info.get("status"),
+        "error": results.error,
         "network_traffic": info.get("network-traffic"),
         "budget_mb": results.budget_mb,
         "sent_mb": results.sent_mb,
@@ -413,10 +422,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
-        "--runs", default=None, help="profile:transport,... (default: reference:<--transport>)"
+        "--runs", default=None,
+        help="profile:transport[:rounds],... (default: reference:<--transport>; rounds default --rounds)",
     )
     parser.add_argument("--transport", choices=["packed", "per-tensor"], default="packed")
-    parser.add_argument("--superlink-db", choices=["file", "memory"], default="file")
+    parser.add_argument(
+        "--superlink-db", choices=sorted(DATABASES), default="file",
+        help="SuperLink state: SQLite file (the default), SQLite :memory:, or Flower's in-memory state",
+    )
     parser.add_argument("--steps", type=int, default=None, help="override train.max-steps (CPU smoke)")
     parser.add_argument("--no-preload", action="store_true", help="load the model in round 1 instead")
     parser.add_argument("--run-timeout", type=float, default=3600.0)
@@ -430,11 +443,15 @@ def main(argv: list[str] | None = None) -> dict:
     from fedtune.toml_io import write as write_toml
 
     work = args.work.resolve()
+    specs = []
+    for entry in (args.runs or f"reference:{args.transport}").split(","):
+        parts = entry.split(":")
+        if len(parts) not in (2, 3) or parts[1] not in ("packed", "per-tensor") or not all(parts):
+            raise SystemExit(f"--runs entry {entry!r}: expected PROFILE:packed|per-tensor[:ROUNDS]")
+        if len(parts) == 3 and not parts[2].isdigit():
+            raise SystemExit(f"--runs entry {entry!r}: ROUNDS must be a number")
+        specs.append((parts[0], parts[1], int(parts[2]) if len(parts) == 3 else args.rounds))
     ensure_prepared(work, args.shape)
-    specs = [tuple(s.split(":", 1)) for s in (args.runs or f"reference:{args.transport}").split(",") if s]
-    for spec in specs:
-        if len(spec) != 2 or spec[1] not in ("packed", "per-tensor"):
-            raise SystemExit(f"--runs entry {':'.join(spec)!r}: expected PROFILE:packed|per-tensor")
     fed_dir = work / f"federation-{time.strftime('%Y%m%d-%H%M%S')}"
     payload: dict[str, Any] = {
         "machine": machine(),
@@ -449,7 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
     fed = LocalFederation(fed_dir, supernode_auth=True, extra_env={"OMP_NUM_THREADS": os.environ.get(
         "OMP_NUM_THREADS", "1")})
     try:
-        db = ["--database", ":memory:"] if args.superlink_db == "memory" else []
+        db = ["--database", DATABASES[args.superlink_db]] if DATABASES[args.superlink_db] else []
         fed.start_superlink(db)
         preload = fed_dir / "preload.toml"
         write_toml(preload, run_config(work, specs[0][0], specs[0][1], args))
@@ -475,8 +492,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{payload['preload_seconds']:.1f} s later (db: {args.superlink_db})",
             flush=True,
         )
-        for profile, transport in specs:
-            payload["runs"].append(one_run(fed, work, profile, transport, args))
+        for profile, transport, rounds in specs:
+            payload["runs"].append(one_run(fed, work, profile, transport, args, rounds))
             if args.json:
                 args.json.write_text(json.dumps(payload, indent=1))
     finally:

@@ -28,6 +28,8 @@ from supernode import warm_trainer
 from supernode.warm_trainer import private_socket
 
 DEFAULT_CLIENTAPP_PORT = 9094
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+DEFAULT_SUPEREXEC_POLL_S = "0.2"
 ORDINAL_RE = re.compile(r"-(\d+)$")
 
 
@@ -194,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warm trainer ready (pid {status.get('pid')}) at {trainer_socket(args)}", flush=True)
     sys.stdout.flush()
     # Flower's CLI through supernode.flower_entry: shorter idle poll, flwr's log lines through fedtune.logs
-    os.execve(sys.executable, [sys.executable, "-m", "supernode.flower_entry", *cmd[1:]], flwr_env())
+    env = flwr_env()
+    # The SuperNode's SuperExec polls for the ClientApp task every 1 s by default (Flower's own knob)
+    env.setdefault(SUPEREXEC_POLL_ENV, DEFAULT_SUPEREXEC_POLL_S)
+    os.execve(sys.executable, [sys.executable, "-m", "supernode.flower_entry", *cmd[1:]], env)
 
 
 if __name__ == "__main__":
