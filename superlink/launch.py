@@ -27,13 +27,16 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 from fedtune.certs import DEFAULT_SANS, TlsFiles, certificate_sans, check_server_files
 from fedtune.errors import FedTuneError, one_line_errors
@@ -44,6 +47,7 @@ from fedtune.runtime_env import env_flag, env_tristate, find_executable, flwr_en
 from superlink import proxy
 
 log = logging.getLogger("fedtune.superlink")
+proxy_log = logging.getLogger("fedtune.proxy")
 
 DEFAULT_PORT = proxy.DEFAULT_PUBLIC_PORT  # what SuperNodes dial (the proxy; with --insecure the SuperLink)
 DEFAULT_INTERNAL_PORT = proxy.DEFAULT_INTERNAL_PORT  # Flower's SuperLink, 127.0.0.1 only
@@ -257,6 +261,23 @@ def supervise(children: dict[int, str], stopping: list[int]) -> int:
     return code if code > 0 else 1
 
 
+NGINX_LEVELS = {"emerg": logging.CRITICAL, "alert": logging.CRITICAL, "crit": logging.CRITICAL,
+                "error": logging.ERROR, "warn": logging.WARNING, "notice": logging.INFO, "info": logging.INFO}
+NGINX_LEVEL = re.compile(r"\[(" + "|".join(NGINX_LEVELS) + r")\]")
+
+
+def relay_error_log(stream: IO[bytes] | None) -> None:
+    """nginx writes its error log as plain text: each line goes through fedtune.logs instead (so it is JSON
+    where machines read the SuperLink's log), at nginx's own level."""
+    if stream is None:
+        return
+    for raw in stream:
+        line = raw.decode(errors="replace").rstrip()
+        if line:
+            found = NGINX_LEVEL.search(line)
+            proxy_log.log(NGINX_LEVELS[found.group(1)] if found else logging.INFO, "nginx: %s", line)
+
+
 def run(args: argparse.Namespace, cmd: list[str]) -> int:
     find_executable(cmd[0])  # flwr must be installed: one clear line if not
     nginx = conf = None
@@ -297,7 +318,11 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
         )
         children[superlink.pid] = "SuperLink"
         if nginx is not None and conf is not None:
-            edge = subprocess.Popen(proxy.command(nginx, conf), stdin=subprocess.DEVNULL)
+            edge = subprocess.Popen(
+                proxy.command(nginx, conf), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+            relay = threading.Thread(target=relay_error_log, args=(edge.stderr,), daemon=True)
+            relay.start()
             children[edge.pid] = "Fleet proxy (nginx)"
         if stopping:  # told to stop while starting
             return 0
