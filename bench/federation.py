@@ -435,7 +435,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--run-timeout", type=float, default=3600.0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    from fedtune.runtime_env import silence_flwr
+
+    silence_flwr()
     # stopped from outside (timeout, kill): unwind, so the federation's processes are stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
