@@ -30,6 +30,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -329,12 +330,15 @@ def run_config(
     return config
 
 
-def wait_preloaded(sockets: list[str], timeout: float) -> float:
+def wait_preloaded(sockets: list[str], timeout: float, nodes: list[Any]) -> float:
     from clientapp.warm.client import ping
 
     started = time.monotonic()
     pending = set(sockets)
     while pending and time.monotonic() - started < timeout:
+        for node in nodes:
+            if not node.alive():
+                raise RuntimeError(f"{node.name} exited: {node.log_text()[-1500:]}")
         for sock in list(pending):
             status = ping(sock, timeout=2.0)
             if status and status.get("preload") not in ("loading", "none"):
@@ -467,17 +471,15 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.monotonic()
     fed = LocalFederation(fed_dir, supernode_auth=True, extra_env={"OMP_NUM_THREADS": os.environ.get(
         "OMP_NUM_THREADS", "1")})
+    sockets: list[str] = []
     try:
         db = ["--database", DATABASES[args.superlink_db]] if DATABASES[args.superlink_db] else []
         fed.start_superlink(db)
         preload = fed_dir / "preload.toml"
         write_toml(preload, run_config(work, specs[0][0], specs[0][1], args))
-        sockets = []
         for i in range(args.nodes):
-            run_dir = fed_dir / "run" / f"node-{i}"
-            run_dir.mkdir(parents=True, mode=0o700)
-            run_dir.chmod(0o700)
-            sockets.append(str(run_dir / "trainer.sock"))
+            # a private folder with a short path (a Unix socket path has at most 107 bytes)
+            sockets.append(str(Path(tempfile.mkdtemp(prefix=f"fedtune-bench-{i}-")) / "trainer.sock"))
             extra = [
                 "--warm-trainer", "--trainer-socket", sockets[-1],
                 "--data-path", str(work / "data" / "alpaca-like.jsonl"),
@@ -487,7 +489,9 @@ def main(argv: list[str] | None = None) -> dict:
                 extra += ["--warm-trainer-preload", str(preload)]
             fed.start_supernode(i, args.nodes, extra_args=extra)
         payload["superlink_and_nodes_up_seconds"] = time.monotonic() - started
-        payload["preload_seconds"] = 0.0 if args.no_preload else wait_preloaded(sockets, args.run_timeout)
+        payload["preload_seconds"] = (
+            0.0 if args.no_preload else wait_preloaded(sockets, args.run_timeout, fed.supernodes)
+        )
         print(
             f"federation up: SuperLink + {args.nodes} SuperNodes in "
             f"{payload['superlink_and_nodes_up_seconds']:.1f} s, warm trainers preloaded "
@@ -500,6 +504,8 @@ def main(argv: list[str] | None = None) -> dict:
                 args.json.write_text(json.dumps(payload, indent=1))
     finally:
         fed.stop()
+        for sock in sockets:
+            shutil.rmtree(Path(sock).parent, ignore_errors=True)
     print_comparison(payload["runs"])
     print(f"\nmachine: {payload['machine']}\ncommand: {payload['command']}")
     if args.json:

@@ -39,9 +39,17 @@ RESTART_BACKOFF_S = (1.0, 30.0)  # first wait, longest wait between restarts of 
 STABLE_AFTER_S = 60.0  # a service that ran this long before dying is restarted at once
 
 
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, NUL included
+
+
 def private_socket(requested: str | None, clientapp_port: int) -> str:
     """The trainer's socket path, in a 0700 folder of this user (created here when it does not exist)."""
     if requested:
+        length = len(os.fsencode(Path(requested).expanduser().resolve()))
+        if length > MAX_SOCKET_PATH:
+            raise FedTuneError(
+                f"--trainer-socket {requested}: {length} bytes, a Unix socket path may have {MAX_SOCKET_PATH}"
+            )
         folder = Path(requested).expanduser().resolve().parent
         if not folder.exists():
             folder.mkdir(mode=0o700, parents=True)

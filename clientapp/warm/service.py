@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     service = TrainerService(args.socket, args.io_timeout)
     try:
         service.serve(args.ready_file, read_flat(args.preload) if args.preload else None)
-    except (PermissionError, FileNotFoundError) as err:
-        raise SystemExit(f"warm trainer: {err}") from None
+    except OSError as err:  # not our folder, path too long, a directory in the way: one line, exit 1
+        raise SystemExit(f"warm trainer: cannot listen on {args.socket}: {err}") from None
 
 
 if __name__ == "__main__":

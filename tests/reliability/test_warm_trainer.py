@@ -161,6 +161,14 @@ def test_service_refuses_a_socket_in_a_folder_others_can_write(tmp_path):
     assert not (shared / "trainer.sock").exists()
 
 
+def test_launcher_refuses_a_socket_path_too_long_for_unix_sockets(tmp_path):
+    from fedtune.errors import FedTuneError
+    from supernode.warm_trainer import private_socket
+
+    with pytest.raises(FedTuneError, match="a Unix socket path may have 107"):
+        private_socket(str(private_dir(tmp_path) / ("x" * 120 + ".sock")), 9094)
+
+
 def test_launcher_socket_is_private_and_unpredictable(tmp_path):
     from fedtune.errors import FedTuneError
     from supernode.warm_trainer import private_socket
@@ -295,7 +303,8 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def test_supernode_start_fails_when_the_trainer_never_becomes_ready(tmp_path):
     folder = private_dir(tmp_path)
-    sock = folder / ("x" * 120 + ".sock")  # longer than a Unix socket path may be: the service cannot bind
+    sock = folder / "trainer.sock"
+    sock.mkdir()  # a folder where the socket should be: the service cannot listen there
     done = subprocess.run(
         [
             sys.executable, "-m", "supernode.launch", "--superlink", "127.0.0.1:1", "--insecure",
