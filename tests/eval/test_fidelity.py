@@ -120,20 +120,27 @@ def test_flowertune_format_masks_like_the_template(smollm2_dir: Path):
     from clientapp.flowertune_format import alpaca_text, response_tag_ids, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+
+    def chat(user: str, assistant: str) -> dict:
+        return {
+            "prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": assistant}],
+        }
+
     rows = [
-        {
-            "prompt": [{"role": "user", "content": "Say hi."}],
-            "completion": [{"role": "assistant", "content": "Hi."}],
-        },
+        chat("Say hi.", "Hi."),
         # the tag inside the response: the template masks up to its last occurrence
-        {"prompt": "Quote it.", "completion": "It says\n### Response: ok"},
+        chat("Quote it.", "It says\n### Response: ok"),
         # an EOS token in the response is never trained (pad = EOS in the template's collator)
-        {"prompt": "End.", "completion": f"Done{tokenizer.eos_token}"},
+        chat("End.", f"Done{tokenizer.eos_token}"),
         # truncated before the tag: no trained token, left out
-        {"prompt": "word " * 600, "completion": "never seen"},
+        chat("word " * 600, "never seen"),
     ]
     out, dropped = tokenize(Dataset.from_list(rows), tokenizer, seq_length=128)
     assert dropped == 1 and len(out) == 3
+    # plain prompt/completion strings are read the same way
+    plain, _ = tokenize(Dataset.from_list([{"prompt": "Say hi.", "completion": "Hi."}]), tokenizer, 128)
+    assert plain[0]["input_ids"] == out[0]["input_ids"]
     trained = [
         tokenizer.decode([t for t, m in zip(r["input_ids"], r["completion_mask"], strict=True) if m])
         for r in out
