@@ -373,11 +373,11 @@ def wait_finished(fed: Any, run_id: int, timeout: float) -> float:
 
 
 def one_run(
-    fed: Any, work: Path, profile: str, transport: str, args: argparse.Namespace, rounds: int
+    fed: Any, work: Path, profile: str, transport: str, args: argparse.Namespace, num_rounds: int
 ) -> dict:
     from fedtune.results import RunResults
 
-    config = run_config(work, profile, transport, args, rounds)
+    config = run_config(work, profile, transport, args, num_rounds)
     submitted = time.time()
     run_id = fed.submit(REPO, overrides=config)
     print(f"run {run_id} submitted: {profile} / {transport}", flush=True)
@@ -473,7 +473,8 @@ def main(argv: list[str] | None = None) -> dict:
         "OMP_NUM_THREADS", "1")})
     sockets: list[str] = []
     try:
-        db = ["--database", DATABASES[args.superlink_db]] if DATABASES[args.superlink_db] else []
+        database = DATABASES[args.superlink_db]
+        db = ["--database", database] if database else []
         fed.start_superlink(db)
         preload = fed_dir / "preload.toml"
         write_toml(preload, run_config(work, specs[0][0], specs[0][1], args))

@@ -75,8 +75,9 @@ class Shape:
         )
         kwargs.update(overrides)
         config = LlamaConfig(**kwargs)
-        if getattr(config, "rope_parameters", None) is not None:  # transformers 5 keeps θ here
-            config.rope_parameters["rope_theta"] = self.rope_theta
+        rope = getattr(config, "rope_parameters", None)
+        if isinstance(rope, dict):  # transformers 5 keeps θ here
+            rope["rope_theta"] = self.rope_theta
         return config
 
     def matmul_params(self) -> int:

@@ -12,7 +12,14 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-from clientapp.warm.protocol import PeerGone, ProtocolError, check_peer, recv_frame, send_frame
+from clientapp.warm.protocol import (
+    IO_TIMEOUT_S,
+    PeerGone,
+    ProtocolError,
+    check_peer,
+    recv_frame,
+    send_frame,
+)
 from fedtune.errors import FedTuneError
 
 if TYPE_CHECKING:
@@ -46,6 +53,8 @@ def train_remote(
     `received_at`, `replied_at`), or None if it is unreachable or died (train in-process then)."""
     try:
         with connect(path) as sock:
+            # a service busy loading its model may read slowly: the connect timeout is too short for this
+            sock.settimeout(IO_TIMEOUT_S)
             send_frame(
                 sock,
                 {"op": "train", "run_config": run_config, "node_config": node_config, "round": round_config},
