@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import shlex
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,19 @@ class Release:
         return self.cluster.kubectl("-n", NS, "exec", target, "-c", container, "--", *cmd,
                                     check=check, timeout=timeout)
 
-    def flwr(self, *args: str) -> dict[str, Any]:
-        done = self.exec(SUPERLINK, "control", "flwr", *args, "remote-deployment", "--format", "json")
-        return json.loads(done.stdout)
+    def flwr(self, *args: str, attempts: int = 4) -> dict[str, Any]:
+        """`flwr ... --format json` in the control container; a busy node may time a call out: retry."""
+        for attempt in range(attempts):
+            try:
+                done = self.exec(SUPERLINK, "control", "flwr", *args, "remote-deployment", "--format", "json",
+                                 timeout=180)
+                return json.loads(done.stdout)
+            except (AssertionError, subprocess.TimeoutExpired, ValueError) as err:
+                if attempt == attempts - 1:
+                    raise
+                log(f"flwr {' '.join(args)} failed ({type(err).__name__}); retrying")
+                time.sleep(5)
+        raise AssertionError("unreachable")
 
     def python(self, target: str, container: str, code: str, timeout: float = 120) -> Any:
         return json.loads(self.exec(target, container, "python3", "-c", code, timeout=timeout).stdout)
@@ -131,11 +142,13 @@ class Release:
     def results(self, run_id: int) -> tuple[dict[str, Any], list[str]]:
         """results.json of the run and the files of its run folder, read on the SuperLink's outputs volume."""
         code = (
-            "import json, pathlib\n"
+            "import json, os, pathlib\n"
             f"hits = [p for p in pathlib.Path('/outputs').rglob('results.json') if json.loads(p.read_text()).get('run_id') in ({run_id}, '{run_id}')]\n"
             "run = hits[0].parent\n"
             "print(json.dumps({'results': json.loads(hits[0].read_text()), 'dir': str(run),"
-            " 'files': sorted(str(p.relative_to(run)) for p in run.rglob('*') if p.is_file())}))"
+            # followlinks: latest/ may be a link to the newest checkpoint folder
+            " 'files': sorted(os.path.relpath(os.path.join(d, f), run) for d, _, fs in os.walk(run, followlinks=True)"
+            " for f in fs)}))"
         )
         payload = self.python(SUPERLINK, "superlink", code)
         return payload["results"], payload["files"]
@@ -182,16 +195,22 @@ def release(cluster: Cluster, k8s_images, tmp_path_factory) -> Any:
     cluster.kubectl("apply", "-f", "-", stdin=json.dumps(SERVICE_MONITOR_CRD))
     cluster.kubectl("wait", "--for=condition=Established", "crd/servicemonitors.monitoring.coreos.com",
                     "--timeout=60s")
-    if cluster.helm("status", RELEASE, "-n", NS, check=False).returncode == 0:  # left by FEDTUNE_K8S_KEEP=1
+    existing = cluster.helm("status", RELEASE, "-n", NS, check=False).returncode == 0
+    # FEDTUNE_K8S_REUSE=1 (with FEDTUNE_K8S_KEEP=1, when iterating): go on with a release a kept run left
+    reuse = existing and os.environ.get("FEDTUNE_K8S_REUSE") == "1"
+    if existing and not reuse:
         cluster.helm("uninstall", RELEASE, "-n", NS, "--wait", check=False, timeout=240)
-    cluster.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=180s", timeout=240)
+    if not reuse:
+        cluster.kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=180s",
+                        timeout=240)
     t0 = time.monotonic()
-    log(f"helm install {RELEASE} -f {VALUES.name} (run: {RUN_1})")
+    log(f"helm install {RELEASE} -f {VALUES.name} (run: {RUN_1})" + (" [reusing the kept release]" if reuse else ""))
     try:
-        cluster.helm("install", RELEASE, str(CHART), "-n", NS, "--create-namespace", "-f", str(VALUES),
-                     "--set", f"run.runConfig={RUN_1}", "--set", "run.tag=1",
-                     "--set", "metrics.serviceMonitor.enabled=true",
-                     "--wait", "--timeout", "10m", *_helm_args(), timeout=700)
+        if not reuse:
+            cluster.helm("install", RELEASE, str(CHART), "-n", NS, "--create-namespace", "-f", str(VALUES),
+                         "--set", f"run.runConfig={RUN_1}", "--set", "run.tag=1",
+                         "--set", "metrics.serviceMonitor.enabled=true",
+                         "--wait", "--timeout", "10m", *_helm_args(), timeout=700)
         handle.facts["installed_s"] = time.monotonic() - t0
         log(f"installed and ready in {handle.facts['installed_s']:.0f} s")
         handle.facts["t_install"] = t0
@@ -223,11 +242,9 @@ def test_install_runs_the_configured_run_to_completed(release):
     assert info["status"] == "finished:completed", (results.get("error"), release.logs())
     assert len(results["rounds"]) == 1
     assert results["budget_bytes"] > 0
-    # the global adapter of the last round, and the numbered checkpoint of round 1 (save-every-round = 1)
-    assert any(f.startswith("latest/") and f.endswith(".safetensors") for f in files), files
-    assert any(f.startswith("latest/") and f.endswith("adapter_config.json") for f in files), files
-    assert any("1" in f.split("/")[0] and f.endswith(".safetensors") and not f.startswith("latest/")
-               for f in files), files
+    # the final global adapter, latest/ (resume point) and the numbered checkpoint of round 1
+    for folder in ("adapter", "latest", "checkpoints/round-0001"):
+        assert {f"{folder}/adapter_model.safetensors", f"{folder}/adapter_config.json"} <= set(files), files
 
 
 def test_claims_are_bound_and_on_the_superlink(release):
