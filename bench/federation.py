@@ -379,7 +379,7 @@ def one_run(
 
     config = run_config(work, profile, transport, args, num_rounds)
     submitted = time.time()
-    run_id = fed.submit(REPO, overrides=config)
+    run_id = fed.submit(REPO, overrides=config, timeout=600.0)
     print(f"run {run_id} submitted: {profile} / {transport}", flush=True)
     finished = wait_finished(fed, run_id, args.run_timeout)
     info = fed.wait_for_run(run_id, timeout=120.0)

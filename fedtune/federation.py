@@ -253,15 +253,20 @@ class LocalFederation:
         )
 
     def submit(
-        self, app_dir: Path, profile: Path | None = None, overrides: dict[str, Any] | None = None
+        self,
+        app_dir: Path,
+        profile: Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        timeout: float = 120.0,
     ) -> int:
-        """Start a run with `profile` (a run-config TOML) plus `overrides`; returns the run id."""
+        """Start a run with `profile` (a run-config TOML) plus `overrides`; returns the run id. `timeout`:
+        for `flwr run` (it builds and uploads the FAB: slow on a loaded host)."""
         args = ["run", str(app_dir), CONNECTION, "--format", "json"]
         if profile is not None or overrides:
             config_file = self._run_config_file(profile, overrides or {})
             check_known_keys(app_dir, config_file)  # flwr only says "Invalid run configuration"
             args += ["--run-config", str(config_file)]
-        done = self.flwr(*args)
+        done = self.flwr(*args, timeout=timeout)
         try:
             payload = json.loads(done.stdout)
         except json.JSONDecodeError:
