@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fedtune.runtime_env import silence_flwr
 
@@ -262,12 +262,14 @@ def run_one(
     losses = [evaluate(global_arrays)]
     started = time.monotonic()
     for server_round in range(1, args.rounds + 1):
-        messages = list(strategy.configure_train(server_round, global_arrays, ConfigRecord(), grid))
+        bench_grid = cast(Any, grid)  # a stand-in with the two methods FedAvg calls
+        messages = list(strategy.configure_train(server_round, global_arrays, ConfigRecord(), bench_grid))
         replies = [client_app.train(m, contexts[m.metadata.dst_node_id]) for m in messages]
         arrays, _ = strategy.aggregate_train(server_round, replies)
         record = results.results.rounds[-1]
         if record.rejected or record.failed or not record.aggregated:
             raise RuntimeError(f"{name} seed {seed} round {server_round}: {record.rejected or record.failed}")
+        assert arrays is not None  # aggregated, checked just above
         global_arrays = arrays
         losses.append(evaluate(global_arrays))
         print(f"  {name} seed {seed} round {server_round}: held-out loss {losses[-1]:.4f} "
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.merge:
         loaded = [json.loads(path.read_text()) for path in args.merge]
-        runs = [run for payload in loaded for run in payload["runs"]]
+        runs: list[dict[str, Any]] = [run for payload in loaded for run in payload["runs"]]
         variants = list(dict.fromkeys(run["variant"] for run in runs))
         print(table(runs, variants))
         if args.out:
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fedtune.config import FedTuneConfig
 
-    runs: list[dict[str, Any]] = []
+    runs = []
     with tempfile.TemporaryDirectory(prefix="fedtune-bench-comm-") as tmp:
         work = Path(tmp)
         data, rows = prepare_data(args, work)

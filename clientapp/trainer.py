@@ -187,7 +187,7 @@ def decoder_layers(model: Any) -> list[Any]:
 _COMPILED_FORWARDS: dict[type, Any] = {}  # decoder layer class -> its compiled forward, shared by all layers
 
 
-def _compiled_forward(layer_class: type) -> Any:
+def _compiled_forward(layer_class: type[Any]) -> Any:
     import torch
 
     if layer_class not in _COMPILED_FORWARDS:
@@ -280,7 +280,7 @@ def _step_clock() -> Any:
 def _forward_attributes(model: PeftModel) -> list[tuple[Any, Any]]:
     """Instance-level `forward` overrides (trl's fused LM head, accelerate's autocast wrapper) of the
     PEFT model and its base, so a model kept warm across rounds can be given back unpatched."""
-    modules = [model]
+    modules: list[Any] = [model]
     if hasattr(model, "get_base_model"):
         modules.append(model.get_base_model())
     return [(m, m.__dict__.get("forward", _MISSING)) for m in modules]
@@ -329,6 +329,7 @@ def train_one_round(
     train_dataset = dataset
     dataset_prepared = prepared is not None and not settings.packing and prepared.get("key") == cache_key
     if dataset_prepared:
+        assert prepared is not None  # dataset_prepared says so
         train_dataset = prepared["dataset"]
     elif settings.prompt_format == "flowertune":
         from clientapp.flowertune_format import tokenize

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -179,6 +179,6 @@ def load_adapter_state(model: PeftModel, state: OrderedDict[str, torch.Tensor]) 
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"adapter keys differ from the model's: missing {missing[:3]}, extra {extra[:3]}")
-    result = set_peft_model_state_dict(model, state)
+    result: Any = set_peft_model_state_dict(model, state)  # a NamedTuple peft does not type
     if result.unexpected_keys:
         raise ValueError(f"unexpected adapter keys: {result.unexpected_keys[:3]}")

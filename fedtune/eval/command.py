@@ -190,6 +190,8 @@ def load_model(
     device = pick_device()
     device_map: Any = {"": 0} if device == "cuda" else "cpu"
     hub = {"trust_remote_code": trust_remote_code, "revision": revision or None}
+    model: Any  # transformers' Auto* classes and fedtune.model's loaders type them differently
+    tokenizer: Any
     try:
         if protocol == "flowertune":
             settings = load_settings(quantization)

@@ -19,7 +19,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fedtune.errors import FedTuneError
 from fedtune.eval.categories import SUBJECT_CATEGORY
@@ -171,7 +171,8 @@ def _read_file(path: Path) -> list[Question]:
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif suffix == ".json":
         data = json.loads(path.read_text(encoding="utf-8"))
-        rows = data.get("data", data.get("test")) if isinstance(data, dict) else data
+        found = data.get("data", data.get("test")) if isinstance(data, dict) else data
+        rows = cast("Iterable[Mapping[str, Any]]", found)  # checked to be a list just below
         if not isinstance(rows, list):
             raise FedTuneError(f"{path}: expected a JSON list of question records")
     else:
@@ -216,7 +217,8 @@ def _record(row: Mapping[str, Any], where: str, index: int, default_subject: str
         raise FedTuneError(f"{where} row {index + 1}: expected 4 choices, found {len(choices)}")
     _check_subject(str(subject), f"{where} row {index + 1}")
     return Question(
-        str(subject), str(question), tuple(str(c) for c in choices), _answer(answer, where, index)
+        str(subject), str(question), cast("tuple[str, str, str, str]", tuple(str(c) for c in choices)),
+        _answer(answer, where, index),
     )
 
 
