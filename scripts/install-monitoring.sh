@@ -20,16 +20,9 @@ fi
 
 echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
 
-# Block service starts from maintainer scripts (invoke-rc.d honours policy-rc.d) for this install only.
-policy=/usr/sbin/policy-rc.d
-created_policy=0
-if [ ! -e "$policy" ]; then
-  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
-  $SUDO chmod 0755 "$policy"
-  created_policy=1
-fi
-cleanup() { if [ "$created_policy" = 1 ]; then $SUDO rm -f "$policy"; fi; }
-trap cleanup EXIT
+# Block service starts from maintainer scripts for this install only (scripts/lib-apt.sh).
+. "$(dirname "$0")/lib-apt.sh"
+block_service_starts
 
 log "apt-get install ${need[*]}"
 $SUDO apt-get update -qq

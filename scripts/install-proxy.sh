@@ -13,16 +13,9 @@ if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then
   exit 0
 fi
 
-# Block service starts from maintainer scripts (invoke-rc.d honours policy-rc.d) for this install only.
-policy=/usr/sbin/policy-rc.d
-created_policy=0
-if [ ! -e "$policy" ]; then
-  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
-  $SUDO chmod 0755 "$policy"
-  created_policy=1
-fi
-cleanup() { if [ "$created_policy" = 1 ]; then $SUDO rm -f "$policy"; fi; }
-trap cleanup EXIT
+# Block service starts from maintainer scripts for this install only (scripts/lib-apt.sh).
+. "$(dirname "$0")/lib-apt.sh"
+block_service_starts
 
 # bookworm: nginx-light 1.22 (http core, ssl, proxy); later releases fold it into `nginx`.
 pkg=nginx-light
