@@ -457,3 +457,38 @@ def test_comm_profile_is_known_config_under_a_quarter_of_the_reference():
     profile = flatten_dict(tomllib.loads((REPO / "profiles" / "comm-lean.toml").read_text()))
     spec = FedTuneConfig.from_run_config(profile).comm.spec()
     assert run_budget(internlm3_8b_lora_shapes(), spec).total_mb <= 2942.79 / 4
+
+
+@pytest.mark.parametrize("comm", [{"comm.codec": "nf4", "comm.download-codec": "int8"}, {"comm.codec": "int8", "comm.ffa-lora": True}])
+def test_clientapp_round_on_the_tiny_model(tiny_model_dir, _identity, tmp_path, comm):
+    """The real ClientApp train() (4-bit tiny model, trl): decodes the codec's global, trains, replies with an
+    encoded delta the strategy accepts; under FFA-LoRA, A is the seeded one, frozen, and never sent."""
+    from flwr.app import Context
+
+    import clientapp.client_app as client_app
+    from fedtune.model import initial_adapter_state, state_to_arrays
+    from tests.conftest import tiny_run_config
+
+    run_config = tiny_run_config(tiny_model_dir, **{"train.max-steps": 2, "strategy.fraction-train": 1.0,
+                                                    "strategy.max-update-ratio": 1e6, **comm})
+    strategy, cfg = codec_strategy(tmp_path, **{k: v for k, v in run_config.items() if k != "strategy.fraction-train"})
+    spec = cfg.comm.spec()
+    initial = state_to_arrays(initial_adapter_state(cfg.model, cfg.train.seed), "float32")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("flwr.serverapp.strategy.fedavg.sample_nodes", lambda grid, _min, size: ([11, 22], [11, 22]))
+        sent = list(strategy.configure_train(1, initial, ConfigRecord(), _Grid()))
+    context = Context(run_id=1, node_id=11, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config=run_config)
+    reply = client_app.train(sent[0], context)
+    assert TAG_RECORD in reply.content.config_records
+    sent_keys = {k.rsplit(":", 1)[0] for k in packing_arrays(reply.content["arrays"])}
+    assert sent_keys == set(spec.sent_keys(initial.keys()))
+    assert ("codec-residual" in context.state.array_records) == spec.upload_is_delta
+    arrays, _ = strategy.aggregate_train(1, [reply])
+    record = strategy.results.results.rounds[-1]
+    assert not record.rejected and record.aggregated
+    result, before = packing_arrays(arrays), {k: a.numpy() for k, a in initial.items()}
+    for key in before:
+        if spec.ffa_lora and "lora_A" in key:
+            assert np.array_equal(result[key], before[key])
+    assert any(not np.array_equal(result[k], before[k]) for k in before if "lora_B" in k)  # it learnt
