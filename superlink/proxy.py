@@ -42,6 +42,7 @@ TIMEOUT_S = 300
 # The Fleet API's endpoints are lowercase kebab-case names; nothing else (no "..", no %-escapes, no
 # query string) is forwarded, whatever the SuperLink's router would make of it.
 FLEET_URI = r"^/v1/fleet/[a-z0-9-]+$"
+UPSTREAM_IDLE_S = 3  # below uvicorn's timeout_keep_alive (5 s), which flwr 1.42 leaves at its default
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
@@ -124,6 +125,9 @@ http {{
     upstream fedtune_superlink {{
         server {_listen(cfg.upstream_host, cfg.upstream_port)};
         keepalive 16;
+        # uvicorn closes an idle keep-alive connection after 5 s; nginx must drop it first, or a POST
+        # sent on a connection uvicorn is closing fails with 502 ("upstream prematurely closed")
+        keepalive_timeout {UPSTREAM_IDLE_S}s;
     }}
 
     server {{

@@ -41,6 +41,7 @@ def test_config_allows_only_fleet_and_health(tmp_path):
     assert "proxy_ssl_verify on;" in text and "proxy_ssl_name localhost;" in text
     assert "server 127.0.0.1:9000;" in text and "listen 0.0.0.0:8000 ssl;" in text
     assert "client_max_body_size 32m;" in text  # 5 MiB array chunks, 10 MB FABs
+    assert "keepalive_timeout 3s;" in text  # under uvicorn's 5 s idle close: no 502 on a reused connection
 
 
 def test_print_config_cli_is_the_same_text(tmp_path):
