@@ -477,11 +477,16 @@ def test_every_dashboard_panel_returns_series(release):
 def test_uninstall_leaves_no_pod(release):
     cluster = release.cluster
     cluster.helm("uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "3m", timeout=240)
+    # Helm never deletes hook objects on uninstall: the last `helm test` pod (kept for `helm test --logs`)
+    # stays, finished, until deleted; nothing else may be left, let alone running.
+    test_pod = f"{FULL}-test-exposure"
     deadline = time.monotonic() + 120
-    pods = []
+    pods: dict[str, str] = {}
     while time.monotonic() < deadline:
-        pods = [p["metadata"]["name"] for p in cluster.json("-n", NS, "get", "pods")["items"]]
-        if not pods:
+        pods = {p["metadata"]["name"]: p["status"]["phase"] for p in cluster.json("-n", NS, "get", "pods")["items"]}
+        if set(pods) <= {test_pod}:
             break
         time.sleep(2)
-    assert not pods, pods
+    assert pods in ({}, {test_pod: "Succeeded"}), pods
+    cluster.kubectl("-n", NS, "delete", "pod", test_pod, "--ignore-not-found", "--wait=true")
+    assert cluster.json("-n", NS, "get", "pods")["items"] == []
