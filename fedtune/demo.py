@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import subprocess
 import sys
 import time
@@ -122,7 +123,11 @@ def run_demo(workdir: Path, profile: Path, overrides: list[str]) -> RunView:
             errors="replace",
         ) as streamed:
             assert streamed.stdout is not None
-            state = follower.follow(streamed.stdout)
+            try:
+                state = follower.follow(streamed.stdout)
+            except BaseException:  # Ctrl-C, a closed terminal: the CLI goes first, then the federation
+                streamed.terminate()
+                raise
         if streamed.returncode != 0:
             raise FedTuneError(f"flwr run exited with {streamed.returncode}; see {logs / 'serverapp.log'}")
         run_id = state.run_id or latest_run_id(fed)
@@ -154,7 +159,15 @@ def main(argv: list[str] | None = None) -> None:
         help="override one run-config value of the profile (VALUE in TOML); repeatable",
     )
     args = parser.parse_args(argv)
+    # A closed terminal (SIGHUP) or a kill (SIGTERM) unwinds like Ctrl-C, so the federation's processes,
+    # each in its own session, are stopped instead of left running.
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, _exit_on_signal)
     run_demo(args.workdir, args.profile, args.run_config)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":
