@@ -96,6 +96,7 @@ http {{
     # (4xx only: an upstream error such as 502 while the SuperLink starts is in nginx's error log)
     map $status $fedtune_log_denied {{
         ~^4 1;
+        499 0;  # the client gave up waiting (a timeout on its side): not a refusal
         default 0;
     }}
     access_log /dev/stdout fedtune_denied if=$fedtune_log_denied;
