@@ -153,6 +153,8 @@ class LocalFederation:
                 "--host", self.host,
                 "--port", str(self.port),
                 "--internal-port", str(self.internal_port),
+                # nginx's config, pid and temp folders with the rest of this federation (not in /tmp)
+                "--proxy-dir", str(self.workdir / "proxy"),
                 "--health-port", str(self.health_port),
                 "--enable-supernode-auth" if self.supernode_auth else "--no-supernode-auth",
                 *(extra_args or []),
