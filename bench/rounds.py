@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -245,6 +246,7 @@ def rounds(
             except subprocess.TimeoutExpired:
                 service.kill()
                 service.wait()
+            shutil.rmtree(Path(sock).parent, ignore_errors=True)  # start_service's private folder
     print_rounds(results)
     return results
 
