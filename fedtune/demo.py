@@ -1,6 +1,6 @@
 """`make demo` / `fedtune demo`: the main job on the embedded offline default.
 
-Generates certificates, starts a TLS SuperLink and 2 SuperNodes on loopback, runs
+Generates certificates, starts a TLS SuperLink and 2 SuperNodes with warm trainers on loopback, runs
 `flwr run . fedtune-local --run-config profiles/demo.toml --stream` and follows it (readable lines, live
 progress), prints the per-round table, the communication budget and the run report's path, and stops every
 process it started (also on Ctrl-C or failure). A run that does not end `finished:completed` is an error:
@@ -104,7 +104,14 @@ def run_demo(workdir: Path, profile: Path, overrides: list[str]) -> RunView:
     with LocalFederation(workdir, extra_env={"OMP_NUM_THREADS": "1"}) as fed:
         console.print(f"[demo] SuperLink (TLS) on https://{fed.address}, certificates in {fed.certs_dir}",
                       markup=False)
-        fed.start(NUM_SUPERNODES)
+        fed.start_superlink()
+        for partition in range(NUM_SUPERNODES):
+            # Warm trainers keep the 4-bit model and the tokenised partition loaded across rounds and load
+            # the demo's model while the run is submitted: no round pays imports and model loading again.
+            fed.start_supernode(
+                partition, NUM_SUPERNODES,
+                extra_args=["--warm-trainer", "--warm-trainer-preload", str(config)],
+            )
         logs = fed.workdir / "logs"
         console.print(f"[demo] {NUM_SUPERNODES} SuperNodes started; logs in {logs}", markup=False)
         cmd = [
