@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fedtune import packing
 from fedtune.codecs import blockwise
 
 CODECS = ("none", "bf16", "int8", "int4", "nf4")
@@ -110,15 +111,9 @@ def layout(codec: str, key: str, shape: Shape, block: int) -> list[tuple[str, Sh
     raise ValueError(f"unknown codec {codec!r}")
 
 
-def bf16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 → bf16 bit patterns, round to nearest even (as torch's conversion for finite values)."""
-    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
-    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    return (rounded >> np.uint32(16)).astype(np.uint16)
-
-
-def bf16_values(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+# bf16 bit patterns in a uint16 array, converted exactly as the transport does (round to nearest even)
+bf16_bits = packing.to_bf16_bits
+bf16_values = packing.from_bf16_bits
 
 
 def encode_tensor(codec: str, key: str, values: np.ndarray, block: int) -> dict[str, np.ndarray]:

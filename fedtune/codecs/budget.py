@@ -8,40 +8,26 @@ counted like everything else.
 
 from __future__ import annotations
 
-import io
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from fedtune import packing
 from fedtune.codecs import CodecSpec, Shape, layout
 
 MB = 1024 * 1024
 
 
-def npy_bytes(shape: Shape, dtype: np.dtype | type) -> int:
-    """len(np.save(array)) for an array of this shape and dtype (C order), without the array."""
-    dtype = np.dtype(dtype)
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header,
-        {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)},
-    )
-    return len(header.getvalue()) + math.prod(shape) * dtype.itemsize
-
-
 def leaderboard_bytes(arrays: Mapping[str, np.ndarray]) -> int:
-    """count_bytes() of an ArrayRecord holding exactly these arrays."""
-    return sum(npy_bytes(a.shape, a.dtype) + len(key) for key, a in arrays.items())
+    """count_bytes() of an ArrayRecord holding exactly these arrays (fedtune.packing's formula)."""
+    return packing.leaderboard_bytes(packing.specs_of(arrays))
 
 
 def message_bytes(shapes: Mapping[str, Shape], codec: str, block: int) -> int:
     """count_bytes() of the message carrying tensors of `shapes` under `codec`."""
-    return sum(
-        npy_bytes(shape, dtype) + len(name)
-        for key, tensor_shape in shapes.items()
-        for name, shape, dtype in layout(codec, key, tensor_shape, block)
+    return packing.leaderboard_bytes(
+        spec for key, tensor_shape in shapes.items() for spec in layout(codec, key, tensor_shape, block)
     )
 
 

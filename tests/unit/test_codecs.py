@@ -26,11 +26,11 @@ from fedtune.codecs.budget import (
     internlm3_8b_lora_shapes,
     leaderboard_bytes,
     message_bytes,
-    npy_bytes,
     run_budget,
 )
 from fedtune.codecs.node import TAG_RECORD, encode_update, numpy_to_record, receive_global, reply_update
 from fedtune.codecs.server import decode_reply, encode_global
+from fedtune.packing import npy_bytes
 
 SHAPES = [(16, 64), (64, 16), (3, 5), (1,), (7, 130), (256, 16)]
 BLOCKS = [2, 64, 128]
