@@ -16,8 +16,8 @@ from typing import Any
 from fedtune.errors import FedTuneError
 from fedtune.eval.categories import CATEGORIES, LEADERBOARD_CATEGORIES, OTHER
 from fedtune.eval.data import Question
+from fedtune.results import RESULTS_FILE
 
-RESULTS_FILE = "results.json"
 NOT_AVAILABLE = "n/a"
 
 
