@@ -1,9 +1,8 @@
 """What the report, the table and the live progress read from a run folder: one small adapter over
 results.json (and the eval output), so the rest of the package never touches the file's keys.
 
-It reads the file as JSON and accepts both layouts seen on disk: the first writer's (kebab-case node
-metrics, no timeline) and the typed schema of `fedtune/results.py` (snake_case, per-round timeline).
-When every writer uses the typed schema this module becomes a thin wrapper around `RunResults.read`.
+It reads the file through the typed schema of `fedtune/results.py` (`RunResults.from_json`, which also
+takes the first writer's kebab-case keys) and derives what a person looks at: phases, per-node totals.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Any
 from fedtune.accounting import LEADERBOARD_BUDGET_LIMIT_MB as BUDGET_CAP_MB
 from fedtune.accounting import MB, REFERENCE_BUDGET_MB
 from fedtune.errors import FedTuneError
-from fedtune.results import RESULTS_FILE
+from fedtune.results import RESULTS_FILE, RoundRecord, RunResults
 
 EVAL_RESULTS = Path("eval") / "mmlu_results.json"  # where `fedtune eval` writes by default
 
@@ -105,35 +104,24 @@ class RunView:
         return self.rounds[-1].round if self.rounds else 0
 
 
-def _get(mapping: dict[str, Any], key: str, default: Any = None) -> Any:
-    """A key in either spelling (snake_case or kebab-case)."""
-    for spelling in (key, key.replace("_", "-"), key.replace("-", "_")):
-        if spelling in mapping:
-            return mapping[spelling]
-    return default
-
-
-def _phases(record: dict[str, Any], duration: float) -> dict[str, float]:
+def _phases(record: RoundRecord, duration: float) -> dict[str, float]:
     """Seconds per phase (PHASES, summing to the round's duration) from the round's timeline and the
     slowest node's stages; without a timeline (older files), the slowest node's training time."""
-    timeline = record.get("timeline") or {}
-    marks = [timeline.get(k) for k in ("started", "sent", "all_replies", "aggregated")]
-    times = [float(m) for m in marks if isinstance(m, (int, float))]
+    timeline = record.timeline
+    marks = (timeline.started, timeline.sent, timeline.all_replies, timeline.aggregated)
     phases = dict.fromkeys((key for key, _ in PHASES), 0.0)
-    stages = [_get(stats, "stage_seconds") or {} for stats in (record.get("nodes") or {}).values()]
-    slowest = max(stages, key=lambda st: sum(v for v in st.values() if isinstance(v, (int, float))),
-                  default={})
-    values = [_get(stats, "train_seconds") for stats in (record.get("nodes") or {}).values()]
-    train = float(slowest.get("train") or max((float(v) for v in values if isinstance(v, (int, float))),
-                                              default=0.0))
+    nodes = list(record.nodes.values())
+    slowest = max((n.stage_seconds for n in nodes), key=lambda st: sum(st.values()), default={})
+    train = float(slowest.get("train") or max((n.train_seconds or 0.0 for n in nodes), default=0.0))
     setup = sum(float(slowest.get(k) or 0.0) for k in _SETUP_STAGES)
+    times = [m for m in marks if m is not None]
     if len(times) == len(marks):
         started, sent, replies, aggregated = times
         phases["send"] = max(0.0, sent - started)
-        nodes = max(0.0, replies - sent)
-        phases["setup"] = min(setup, nodes)
-        phases["train"] = min(train, nodes - phases["setup"])
-        phases["wait"] = nodes - phases["setup"] - phases["train"]
+        at_nodes = max(0.0, replies - sent)
+        phases["setup"] = min(setup, at_nodes)
+        phases["train"] = min(train, at_nodes - phases["setup"])
+        phases["wait"] = at_nodes - phases["setup"] - phases["train"]
         phases["aggregate"] = max(0.0, aggregated - replies)
     else:
         phases["setup"] = min(setup, duration)
@@ -142,40 +130,35 @@ def _phases(record: dict[str, Any], duration: float) -> dict[str, float]:
     return phases
 
 
-def _round(record: dict[str, Any]) -> RoundView:
-    duration = float(record.get("duration_seconds") or 0.0)
-    loss = record.get("train_loss")
+def _round(record: RoundRecord) -> RoundView:
+    duration = float(record.duration_seconds or 0.0)
     return RoundView(
-        round=int(record["round"]),
-        train_loss=float(loss) if isinstance(loss, (int, float)) else None,
-        sampled=[int(n) for n in record.get("sampled", [])],
-        replied=[int(n) for n in record.get("replied", [])],
-        failed=[int(n) for n in record.get("failed", [])],
-        rejected={str(k): str(v) for k, v in (record.get("rejected") or {}).items()},
-        aggregated=bool(record.get("aggregated")),
-        down_bytes=int(record.get("bytes_down") or 0),
-        up_bytes=int(record.get("bytes_up") or 0),
-        budget_mb=float(record.get("budget_mb") or 0.0),
+        round=record.round,
+        train_loss=record.train_loss,
+        sampled=list(record.sampled),
+        replied=list(record.replied),
+        failed=list(record.failed),
+        rejected={str(k): str(v) for k, v in record.rejected.items()},
+        aggregated=record.aggregated,
+        down_bytes=record.bytes_down,
+        up_bytes=record.bytes_up,
+        budget_mb=record.budget_mb,
         duration_s=duration,
         phases=_phases(record, duration),
-        checkpoint_s=float(record.get("checkpoint_seconds") or 0.0),
-        checkpoint=record.get("checkpoint"),
+        checkpoint_s=record.checkpoint_seconds,
+        checkpoint=record.checkpoint,
     )
 
 
-def _nodes(rounds: list[dict[str, Any]]) -> list[NodeView]:
+def _nodes(rounds: list[RoundRecord]) -> list[NodeView]:
     nodes: dict[str, NodeView] = {}
     for record in rounds:
-        rejected = {str(k) for k in (record.get("rejected") or {})}
-        failed = {str(k) for k in record.get("failed", [])}
-        for node_id, stats in (record.get("nodes") or {}).items():
-            partition = _get(stats, "partition_id")
-            view = nodes.setdefault(
-                str(node_id),
-                NodeView(str(node_id), int(partition) if isinstance(partition, (int, float)) else None),
-            )
-            view.down_bytes += int(_get(stats, "down_bytes", 0) or 0)
-            view.up_bytes += int(_get(stats, "up_bytes", 0) or 0)
+        rejected = {str(k) for k in record.rejected}
+        failed = {str(k) for k in record.failed}
+        for node_id, stats in record.nodes.items():
+            view = nodes.setdefault(str(node_id), NodeView(str(node_id), stats.partition_id))
+            view.down_bytes += stats.down_bytes
+            view.up_bytes += stats.up_bytes
             view.rounds += 1
             view.failed += str(node_id) in failed
             view.rejected += str(node_id) in rejected
@@ -213,23 +196,23 @@ def load(run_dir: str | Path) -> RunView:
         raise FedTuneError(f"no {RESULTS_FILE} in {path.parent}: not a fedtune run folder")
     try:
         data = json.loads(path.read_text())
-        rounds = list(data.get("rounds") or [])
-        config = data.get("config") or {}
+        results = RunResults.from_json(data)
+        model = results.config.get("model") or {}
         view = RunView(
             run_dir=path.parent,
-            run_id=data.get("run_id"),
-            status=str(data.get("status", "unknown")),
-            error=data.get("error"),
-            model=str((config.get("model") or {}).get("name", "?")),
-            planned_rounds=config.get("num_server_rounds"),
-            rounds=[_round(r) for r in rounds],
-            nodes=_nodes(rounds),
-            budget_mb=float(data.get("budget_mb") or 0.0),
-            budget_limit_mb=float(data.get("budget_limit_mb") or BUDGET_CAP_MB),
-            reference_mb=float(data.get("reference_budget_mb") or REFERENCE_BUDGET_MB),
-            final_adapter=data.get("final_adapter"),
-            started_at=data.get("started_at"),
-            finished_at=data.get("finished_at"),
+            run_id=results.run_id,
+            status=results.status,
+            error=results.error,
+            model=str(model.get("name", "?")),
+            planned_rounds=results.config.get("num_server_rounds"),
+            rounds=[_round(r) for r in results.rounds],
+            nodes=_nodes(results.rounds),
+            budget_mb=results.budget_mb,
+            budget_limit_mb=results.budget_limit_mb or BUDGET_CAP_MB,
+            reference_mb=results.reference_budget_mb or REFERENCE_BUDGET_MB,
+            final_adapter=results.final_adapter,
+            started_at=results.started_at,
+            finished_at=results.finished_at,
             raw=data,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as err:
