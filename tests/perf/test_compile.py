@@ -25,6 +25,9 @@ def setup(tiny_model_dir, demo_data_file):
                 "train.per-device-train-batch-size": 4,
                 "train.gradient-accumulation-steps": 1,
                 "train.padding-free": True,
+                # the fast profile's base, the configuration that compiles its layers (profiles/fast.toml)
+                "model.quant-type": "nf4",
+                "model.compute-dtype": "bfloat16",
             },
         )
     )
