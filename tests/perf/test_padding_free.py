@@ -16,7 +16,7 @@ def setup(tiny_model_dir, demo_data_file):
     # no LoRA dropout: its masks are drawn per micro-batch, so with it the later steps of differently
     # batched runs legitimately drift apart; without it every step must agree
     cfg = FedTuneConfig.from_run_config(
-        tiny_run_config(tiny_model_dir, **{"train.max-steps": 3, "model.lora.dropout": 0.0})
+        tiny_run_config(tiny_model_dir, **{"train.max-steps": 3, "model.lora.dropout": 0.0, "model.quant-type": "nf4", "model.compute-dtype": "bfloat16"})
     )
     tokenizer = load_tokenizer(cfg.model)
     model = load_trainable_model(cfg.model, "cpu")
