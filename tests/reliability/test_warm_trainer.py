@@ -325,10 +325,13 @@ def test_a_dead_trainer_is_started_again(tmp_path):
     from clientapp.warm.client import ping as warm_ping
 
     sock = private_dir(tmp_path) / "trainer.sock"
+    # torch sets TORCHINDUCTOR_CACHE_DIR in this pytest process once anything compiled here; a node's own
+    # setting wins over --compile-cache, so start the supervisor as a node starts: without it
+    node_env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHINDUCTOR_", "TRITON_"))}
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "supernode.warm_trainer", "--socket", str(sock),
          "--compile-cache", str(tmp_path / "cache")],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO, env={**node_env, "PYTHONPATH": str(REPO)},
     )
     try:
         def wait_pid(not_pid: int | None, timeout: float = 60.0) -> int:
