@@ -121,9 +121,9 @@ class Images:
     build_seconds: float
 
 
-@pytest.fixture(scope="session")
-def images(base_image: str) -> Images:
-    """fedtune/superlink, fedtune/supernode:cpu and the Prometheus stand-in, from the local base."""
+def image_build_env(base_image: str) -> dict[str, str]:
+    """docker/build-images.sh's environment: the local base, our tags, the local CPU torch wheel and the
+    host's CA bundle for pip inside the build (both when present)."""
     env = {"BASE_IMAGE": base_image, "IMAGE_PREFIX": PREFIX, "TAG": TAG}
     wheel = _torch_wheel()
     if wheel:
@@ -131,6 +131,13 @@ def images(base_image: str) -> Images:
     extra_ca = os.environ.get("FEDTUNE_TEST_EXTRA_CA", "/etc/ssl/certs/ca-certificates.crt")
     if extra_ca and Path(extra_ca).is_file():
         env["EXTRA_CA"] = extra_ca
+    return env
+
+
+@pytest.fixture(scope="session")
+def images(base_image: str) -> Images:
+    """fedtune/superlink, fedtune/supernode:cpu and the Prometheus stand-in, from the local base."""
+    env = image_build_env(base_image)
     t0 = time.monotonic()
     out = run(["bash", "docker/build-images.sh"], env=env, timeout=2400)
     print(out.stdout)

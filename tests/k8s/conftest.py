@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.containers.conftest import BASE_ENV, PREFIX, TAG, _torch_wheel
+from tests.containers.conftest import BASE_ENV, PREFIX, TAG, image_build_env
 from tests.containers.conftest import run as host_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,13 +128,7 @@ def k8s_images(cluster: Cluster) -> tuple[str, ...]:
     base = BASE_ENV["BASE_IMAGE"]
     if "FEDTUNE_TEST_BASE_IMAGE" not in os.environ:
         host_run(["bash", "scripts/build-base-image.sh"], timeout=900, env={"BASE_IMAGE_TAG": base})
-    env = {"BASE_IMAGE": base, "IMAGE_PREFIX": PREFIX, "TAG": TAG}
-    wheel = _torch_wheel()
-    if wheel:
-        env["TORCH_WHEEL"] = wheel
-    extra_ca = os.environ.get("FEDTUNE_TEST_EXTRA_CA", "/etc/ssl/certs/ca-certificates.crt")
-    if extra_ca and Path(extra_ca).is_file():
-        env["EXTRA_CA"] = extra_ca
+    env = image_build_env(base)
     t0 = time.monotonic()
     if os.environ.get("FEDTUNE_K8S_SKIP_BUILD") != "1":
         log("building images (docker/build-images.sh; cached layers are reused)")
