@@ -68,8 +68,17 @@ class Tmux:
         return self.tmux(*args, *(["-S", "-", "-E", "-"] if history else []))
 
     def exit_status(self) -> int | None:
-        fields = self.tmux("display-message", "-p", "-t", "demo", "#{pane_dead} #{pane_dead_status}").split()
-        return int(fields[1]) if fields[:1] == ["1"] else None  # the status is empty while it runs
+        """The command's exit code once it has ended (None while it runs); 128+N when signal N killed it,
+        as a shell reports it. tmux 3.3 leaves pane_dead_status empty for exit 0 (and for a signal, which
+        it puts in pane_dead_signal), so each field is prefixed to keep its place."""
+        fields = self.tmux("display-message", "-p", "-t", "demo",
+                           "#{pane_dead} s#{pane_dead_status} k#{pane_dead_signal}").split()
+        if fields[:1] != ["1"]:
+            return None
+        status, killed_by = fields[1][1:], fields[2][1:]
+        if killed_by:
+            return 128 + int(killed_by)
+        return int(status or 0)
 
     def stop(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
