@@ -331,7 +331,7 @@ def run_config(
 
 
 def wait_preloaded(sockets: list[str], timeout: float, nodes: list[Any]) -> float:
-    from clientapp.warm.client import ping
+    from clientapp.warm.protocol import ping
 
     started = time.monotonic()
     pending = set(sockets)

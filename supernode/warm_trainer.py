@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clientapp.warm.protocol import SOCKET_NAME, check_private_dir
+from clientapp.warm.protocol import SOCKET_NAME, check_private_dir, ping
 from fedtune.errors import FedTuneError
 
 log = logging.getLogger("fedtune.warm.supervisor")
@@ -120,8 +120,6 @@ def wait_ready(
     socket_path: str, supervisor: subprocess.Popen[bytes], timeout: float | None = None
 ) -> dict[str, Any]:
     """Block until the service answers a ping; stop the supervisor and fail in one line if it never does."""
-    from clientapp.warm.client import ping
-
     if timeout is None:
         raw = os.environ.get(READY_TIMEOUT_ENV, "")
         timeout = float(raw) if raw else DEFAULT_READY_TIMEOUT_S

@@ -3,43 +3,22 @@
 With `fedtune-supernode --warm-trainer` the ClientApp (which then never imports torch) hands the round to the
 trainer over a Unix socket and replies with what comes back. If the trainer is absent, not this user's, or
 dies mid-round, the ClientApp trains in-process as before (`train_remote` returns None); a training error it
-reports is raised.
+reports is raised. Status pings (`ping`) live with the wire protocol (clientapp/warm/protocol.py), which the
+SuperNode's supervisor imports too.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 from typing import TYPE_CHECKING, Any
 
-from clientapp.warm.protocol import (
-    IO_TIMEOUT_S,
-    PeerGone,
-    ProtocolError,
-    check_peer,
-    recv_frame,
-    send_frame,
-)
+from clientapp.warm.protocol import IO_TIMEOUT_S, PeerGone, ProtocolError, connect, recv_frame, send_frame
 from fedtune.errors import FedTuneError
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
 
 log = logging.getLogger("fedtune.warm")
-
-CONNECT_TIMEOUT_S = 5.0
-
-
-def connect(path: str, timeout: float = CONNECT_TIMEOUT_S) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-        check_peer(sock)  # a socket someone else bound must not receive the round
-    except (OSError, PermissionError) as err:
-        sock.close()
-        raise PeerGone(f"no warm trainer of this user at {path}: {err}") from err
-    return sock
 
 
 def train_remote(
@@ -73,13 +52,3 @@ def train_remote(
         raise FedTuneError("warm trainer replied without arrays or metrics")
     return arrays, header
 
-
-def ping(path: str, timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any] | None:
-    """The service's status (`rounds`, `model`, `preload`, `busy`, …), or None if it does not answer."""
-    try:
-        with connect(path, timeout) as sock:
-            send_frame(sock, {"op": "ping"})
-            header, _ = recv_frame(sock)
-            return header
-    except (PeerGone, OSError, ProtocolError):
-        return None

@@ -4,7 +4,8 @@ One request and one reply per Unix-socket connection. A frame is an 8-byte big-e
 header, then the bytes of the Flower Arrays the header lists (`{"key", "dtype", "shape", "stype", "nbytes"}`,
 in order). An Array's bytes travel as Flower serialised them (`Array.data`), so neither side converts the
 adapter to numpy and back to cross the socket, and a packed adapter (fedtune/packing.py) crosses as its few
-large buffers. Both ends import this module; it imports neither torch nor numpy.
+large buffers. Both ends import this module — the ClientApp, the service, and the SuperNode's supervisor
+(which only `ping`s the service) — and it imports neither torch nor numpy.
 
 Limits, because the socket is a trust boundary even on one host: the header is at most `MAX_HEADER_BYTES`,
 the arrays at most `max_payload_bytes()` together, every field is type-checked before it is used, and a
@@ -32,6 +33,7 @@ MAX_HEADER_BYTES = 1 << 20  # run config + node config + round config: kilobytes
 DEFAULT_MAX_PAYLOAD_BYTES = 8 << 30  # an 8B model's r16 q/k/v/o adapter is 77 MB; leave room for big LoRAs
 MAX_PAYLOAD_ENV = "FEDTUNE_WARM_MAX_PAYLOAD_BYTES"
 IO_TIMEOUT_S = 30.0  # longest silence while a frame is in flight
+CONNECT_TIMEOUT_S = 5.0
 _LENGTH = struct.Struct(">Q")
 _CHUNK = 8 << 20
 _SPEC_KEYS = {"key": str, "dtype": str, "stype": str}
@@ -171,3 +173,29 @@ def recv_frame(
         except (TypeError, ValueError) as err:
             raise ProtocolError(f"array {spec['key']!r}: {err}") from err
     return header, record
+
+
+# ---- the calling end: connect, ping -------------------------------------------------------------------
+
+
+def connect(path: str, timeout: float = CONNECT_TIMEOUT_S) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        check_peer(sock)  # a socket someone else bound must not receive the round
+    except (OSError, PermissionError) as err:
+        sock.close()
+        raise PeerGone(f"no warm trainer of this user at {path}: {err}") from err
+    return sock
+
+
+def ping(path: str, timeout: float = CONNECT_TIMEOUT_S) -> dict[str, Any] | None:
+    """The service's status (`rounds`, `model`, `preload`, `busy`, …), or None if it does not answer."""
+    try:
+        with connect(path, timeout) as sock:
+            send_frame(sock, {"op": "ping"})
+            header, _ = recv_frame(sock)
+            return header
+    except (PeerGone, OSError, ProtocolError):
+        return None

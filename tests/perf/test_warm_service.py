@@ -59,7 +59,7 @@ def service(tmp_path):
 
 
 def test_warm_round_matches_in_process_and_keeps_the_model(tiny_model_dir, demo_data_file, service):
-    from clientapp.warm import client as warm_client
+    from clientapp.warm.protocol import ping
 
     _proc, sock = service
     run_config = tiny_run_config(tiny_model_dir, **{"train.max-steps": 2, "train.optim": "adamw_torch"})
@@ -70,7 +70,7 @@ def test_warm_round_matches_in_process_and_keeps_the_model(tiny_model_dir, demo_
     warm1 = call_clientapp(run_config, {**node, "trainer-socket": sock}, arrays)
     warm2 = call_clientapp(run_config, {**node, "trainer-socket": sock}, arrays, server_round=2)
 
-    assert warm_client.ping(sock)["rounds"] == 2
+    assert ping(sock)["rounds"] == 2
     assert warm2["metrics"]["time-model-load"] < 0.01  # the model stayed loaded
     for content in (warm1, warm2):
         assert content["metrics"]["train-loss"] == pytest.approx(local["metrics"]["train-loss"], rel=1e-4)

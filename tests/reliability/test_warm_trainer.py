@@ -84,7 +84,7 @@ def error_of(answer: bytes) -> str:
 
 
 def ping(sock: Path) -> dict | None:
-    from clientapp.warm.client import ping as warm_ping
+    from clientapp.warm.protocol import ping as warm_ping
 
     return warm_ping(str(sock), timeout=5.0)
 
@@ -322,7 +322,7 @@ def test_supernode_start_fails_when_the_trainer_never_becomes_ready(tmp_path):
 
 
 def test_a_dead_trainer_is_started_again(tmp_path):
-    from clientapp.warm.client import ping as warm_ping
+    from clientapp.warm.protocol import ping as warm_ping
 
     sock = private_dir(tmp_path) / "trainer.sock"
     # torch sets TORCHINDUCTOR_CACHE_DIR in this pytest process once anything compiled here; a node's own
