@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from fedtune.embedded import EMBEDDED_MODEL
-from fedtune.eval.command import load_model
 from fedtune.eval.data import load_mmlu
+from fedtune.eval.loading import load_model
 from fedtune.eval.scoring import choice_token_ids, format_prompt, score_questions
 
 

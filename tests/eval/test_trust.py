@@ -140,7 +140,7 @@ def test_adapter_keys_must_match_the_base_model(
     fp32_base, adapter_dir: Path, tmp_path: Path, edit, message: str
 ):
     from fedtune.errors import FedTuneError
-    from fedtune.eval.command import attach_adapter
+    from fedtune.eval.loading import attach_adapter
 
     bad = _edited_adapter(adapter_dir, tmp_path / "bad", edit)
     with pytest.raises(FedTuneError, match=message):
@@ -150,14 +150,14 @@ def test_adapter_keys_must_match_the_base_model(
 def test_the_matching_adapter_attaches(fp32_base, adapter_dir: Path):
     from peft import PeftModel
 
-    from fedtune.eval.command import attach_adapter
+    from fedtune.eval.loading import attach_adapter
 
     assert isinstance(attach_adapter(fp32_base, adapter_dir), PeftModel)
 
 
 def test_adapter_of_another_shape_is_an_error(fp32_base, adapter_dir: Path, tmp_path: Path):
     from fedtune.errors import FedTuneError
-    from fedtune.eval.command import attach_adapter
+    from fedtune.eval.loading import attach_adapter
 
     def narrower(state: dict) -> dict:
         key = next(k for k in state if "lora_A" in k)
@@ -176,7 +176,7 @@ def test_revision_reaches_every_load(smollm2_dir: Path, monkeypatch: pytest.Monk
     import transformers
 
     from fedtune.config import parse_run_config
-    from fedtune.eval.command import load_model
+    from fedtune.eval.loading import load_model
     from fedtune.model import initial_adapter_state, load_base_model, load_tokenizer
 
     seen: list[tuple[str, object, object]] = []
