@@ -164,11 +164,17 @@ def arrays_to_state(arrays: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
 
 
 def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
-    """The adapter's tensors in float32 (trl may train them in bf16 on a quantised base)."""
+    """A snapshot of the adapter's tensors in float32 (trl may train them in bf16 on a quantised base).
+
+    Always copies: with float32 compute the LoRA weights already are float32 CPU tensors, and
+    `.float().cpu()` would hand back the live parameters, which the next training step changes in place."""
+    import torch
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model)
-    return OrderedDict((key, tensor.detach().float().cpu()) for key, tensor in state.items())
+    return OrderedDict(
+        (key, tensor.detach().to("cpu", torch.float32, copy=True)) for key, tensor in state.items()
+    )
 
 
 def load_adapter_state(model: PeftModel, state: OrderedDict[str, torch.Tensor]) -> None:

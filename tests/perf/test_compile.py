@@ -9,12 +9,18 @@ import pytest
 
 from tests.conftest import tiny_run_config
 
+# The reference's 4-bit base (fp4, float32 compute) and the fast profile's (nf4, bfloat16 compute:
+# profiles/fast.toml, the configuration that compiles its layers).
+BASES = {"fp4-float32": ("fp4", "float32"), "nf4-bfloat16": ("nf4", "bfloat16")}
 
-@pytest.fixture(scope="module")
-def setup(tiny_model_dir, demo_data_file):
+
+@pytest.fixture(scope="module", params=list(BASES))
+def setup(request, tiny_model_dir, demo_data_file):
     from fedtune.config import FedTuneConfig
     from fedtune.dataset import load_node_dataset
     from fedtune.model import adapter_state, load_tokenizer, load_trainable_model
+
+    quant_type, compute_dtype = BASES[request.param]
 
     cfg = FedTuneConfig.from_run_config(
         tiny_run_config(
@@ -25,9 +31,8 @@ def setup(tiny_model_dir, demo_data_file):
                 "train.per-device-train-batch-size": 4,
                 "train.gradient-accumulation-steps": 1,
                 "train.padding-free": True,
-                # the fast profile's base, the configuration that compiles its layers (profiles/fast.toml)
-                "model.quant-type": "nf4",
-                "model.compute-dtype": "bfloat16",
+                "model.quant-type": quant_type,
+                "model.compute-dtype": compute_dtype,
             },
         )
     )

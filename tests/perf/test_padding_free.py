@@ -6,17 +6,30 @@ import pytest
 
 from tests.conftest import tiny_run_config
 
+# The reference's 4-bit base (fp4, float32 compute: LoRA trains in float32) and the fast profile's (nf4,
+# bfloat16 compute: trl trains LoRA in bf16; profiles/fast.toml, the profile that turns padding-free on).
+BASES = {"fp4-float32": ("fp4", "float32"), "nf4-bfloat16": ("nf4", "bfloat16")}
 
-@pytest.fixture(scope="module")
-def setup(tiny_model_dir, demo_data_file):
+
+@pytest.fixture(scope="module", params=list(BASES))
+def setup(request, tiny_model_dir, demo_data_file):
     from fedtune.config import FedTuneConfig
     from fedtune.dataset import load_node_dataset
     from fedtune.model import adapter_state, load_tokenizer, load_trainable_model
 
+    quant_type, compute_dtype = BASES[request.param]
     # no LoRA dropout: its masks are drawn per micro-batch, so with it the later steps of differently
     # batched runs legitimately drift apart; without it every step must agree
     cfg = FedTuneConfig.from_run_config(
-        tiny_run_config(tiny_model_dir, **{"train.max-steps": 3, "model.lora.dropout": 0.0, "model.quant-type": "nf4", "model.compute-dtype": "bfloat16"})
+        tiny_run_config(
+            tiny_model_dir,
+            **{
+                "train.max-steps": 3,
+                "model.lora.dropout": 0.0,
+                "model.quant-type": quant_type,
+                "model.compute-dtype": compute_dtype,
+            },
+        )
     )
     tokenizer = load_tokenizer(cfg.model)
     model = load_trainable_model(cfg.model, "cpu")
@@ -47,6 +60,29 @@ def test_padding_free_matches_padded_reference(setup):
     for ref, pad, free in zip(reference.loss_history, padded4.loss_history, free4.loss_history, strict=True):
         assert free == pytest.approx(ref, rel=2e-3)
         assert pad == pytest.approx(ref, rel=2e-3)
+
+
+def test_adapter_state_is_a_snapshot(setup):
+    """The initial state every run above starts from must not follow training: with float32 compute the
+    LoRA parameters are float32 CPU tensors, and a snapshot that aliased them (as `.float().cpu()` does)
+    made every later run start from the previous run's trained adapter (fp4/float32: padding-free 10.56,
+    compiled 11.73 vs padded 13.08 at step 1, with nothing wrong in padding-free or compile)."""
+    import torch
+
+    from fedtune.model import adapter_state
+
+    _cfg, _tokenizer, model, _trainset, _initial = setup
+    snapshot = adapter_state(model)
+    lora = [p for n, p in model.named_parameters() if "lora_B" in n]
+    before = {k: v.clone() for k, v in snapshot.items()}
+    with torch.no_grad():
+        lora[0].add_(1.0)
+    try:
+        for key, value in snapshot.items():
+            assert torch.equal(value, before[key]), key
+    finally:
+        with torch.no_grad():
+            lora[0].sub_(1.0)
 
 
 def test_padding_free_keeps_samples_apart(setup):
