@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
+import sys
 import threading
 from collections.abc import Callable
 
@@ -30,3 +33,33 @@ def exit_with_parent(parent_pid: int, on_gone: Callable[[], None] = _exit_now, i
                 return
 
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` for subprocess.Popen: the child is sent `sig` when this process dies, however it
+    dies (SIGKILL and OOM kills included, which no handler of ours sees). None off Linux.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked exits, not the process, so only the main thread
+    may spawn with it (checked). The setting survives exec, so it reaches nginx or flwr itself; it is not
+    inherited by their own children: nginx's master stops its workers on SIGTERM, and the SuperLink its
+    SuperExec. Everything the hook needs is looked up before fork: between fork and exec the child must
+    not take locks other threads may hold."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("die_with_parent: spawn from the main thread (PDEATHSIG follows its thread)")
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+    signum = int(sig)
+    kill, getpid, getppid = os.kill, os.getpid, os.getppid
+
+    def hook() -> None:
+        if prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if getppid() != parent:  # the parent died between fork and prctl: nobody will signal us now
+            kill(getpid(), signum)
+
+    return hook

@@ -43,6 +43,7 @@ from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.logs import configure_logging
 from fedtune.metrics.sidecar import start_sidecar
 from fedtune.preflight import OneLineParser, env_port, port_arg, port_or_zero_arg
+from fedtune.process import die_with_parent
 from fedtune.runtime_env import env_flag, env_tristate, find_executable, flwr_env, passthrough
 from superlink import proxy
 
@@ -310,16 +311,21 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
     sys.stdout.flush()
     children: dict[int, str] = {}
     stopping = forward_stop_signals(children)
+    # A SIGKILLed launcher (OOM killer, `kill -9`, a runtime without an init) runs no cleanup of its own:
+    # the kernel sends each child SIGTERM instead, so no SuperLink or nginx outlives it. Spawned from
+    # this, the main thread (die_with_parent says why).
+    with_parent = die_with_parent(signal.SIGTERM)
     try:
         # Flower's own CLI, run through superlink.flower_entry (longer SQLite busy timeout, our log pipeline).
         superlink = subprocess.Popen(
             [sys.executable, "-m", "superlink.flower_entry", *cmd[1:]],
-            env=flwr_env(), stdin=subprocess.DEVNULL,
+            env=flwr_env(), stdin=subprocess.DEVNULL, preexec_fn=with_parent,
         )
         children[superlink.pid] = "SuperLink"
         if nginx is not None and conf is not None:
             edge = subprocess.Popen(
-                proxy.command(nginx, conf), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+                proxy.command(nginx, conf), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                preexec_fn=with_parent,
             )
             relay = threading.Thread(target=relay_error_log, args=(edge.stderr,), daemon=True)
             relay.start()

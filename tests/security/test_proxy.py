@@ -1,6 +1,7 @@
 """The Fleet-only proxy as `fedtune-superlink` runs it: the rendered config passes `nginx -t`, the public
 port refuses Control/Runtime while the loopback port serves them, and the launcher never leaves one of
-its two processes running alone (either dies -> the other is stopped, exit non-zero)."""
+its two processes running alone (either dies -> the other is stopped, exit non-zero; the launcher killed
+-> both stop)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fedtune.certs import generate
 from fedtune.errors import FedTuneError
 from fedtune.federation import LocalFederation
 from superlink import proxy
+from tests.host import alive, cmdline, process_tree
 
 needs_nginx = pytest.mark.skipif(
     not (Path("/usr/sbin/nginx").exists() or os.system("command -v nginx >/dev/null 2>&1") == 0),
@@ -134,3 +136,34 @@ def test_public_port_refuses_control_while_loopback_serves_it(tmp_path):
         assert "403" in done.stdout + done.stderr, done.stdout + done.stderr
     finally:
         fed.stop()
+
+
+@needs_nginx
+def test_a_sigkilled_launcher_leaves_no_process_behind(tmp_path):
+    """kill -9 of the launcher alone (no handler of it runs; not its process group, as stop() would): the
+    kernel's parent-death signal stops the SuperLink and nginx, which take their own children along
+    (nginx's workers, Flower's SuperExec)."""
+    fed = LocalFederation(tmp_path / "fed")
+    tree: list[int] = []
+    try:
+        fed.start_superlink()
+        launcher = fed.superlink.process
+        tree = process_tree(launcher.pid)
+        commands = [cmdline(pid) for pid in tree]
+        assert any("superlink.flower_entry" in c for c in commands), commands
+        assert any("nginx: master" in c for c in commands), commands
+        assert any("nginx: worker" in c for c in commands), commands
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=10)
+        killed_at = time.monotonic()
+        left = tree
+        while left and time.monotonic() < killed_at + 10:
+            time.sleep(0.1)
+            left = [pid for pid in tree if alive(pid)]
+        print(f"all {len(tree)} processes of the launcher gone {time.monotonic() - killed_at:.1f} s after kill -9")
+        assert not left, [cmdline(pid) for pid in left]
+    finally:
+        fed.stop()
+        for pid in tree:  # only if the assertion failed: they are no longer in the launcher's reach
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

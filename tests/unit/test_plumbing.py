@@ -1,4 +1,4 @@
-"""The shared plumbing (issue 17): atomic writes, TOML in/out, the parent-death watcher, P-384 keys."""
+"""The shared plumbing (issue 17): atomic writes, TOML in/out, the parent-death watcher and signal, P-384 keys."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from fedtune import atomic, keygen, toml_io
 from tests.conftest import REPO
+from tests.host import alive
 
 
 def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
@@ -83,6 +84,46 @@ def test_exit_with_parent_fires_when_the_parent_dies(tmp_path):
     if alive:
         os.kill(helper_pid, 9)
     assert marker.exists()  # noticed within a few polls, while it still had 30 s to sleep
+
+
+def test_die_with_parent_stops_the_child_of_a_killed_parent():
+    """A parent spawns `sleep` with die_with_parent() and is SIGKILLed: the kernel sends sleep SIGTERM."""
+    parent = (
+        "import subprocess, sys, time; from fedtune.process import die_with_parent; "
+        "p = subprocess.Popen(['sleep', '60'], preexec_fn=die_with_parent()); print(p.pid, flush=True); "
+        "time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    try:
+        assert alive(child)
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child)
+    finally:
+        if alive(child):
+            os.kill(child, 9)
+
+
+def test_die_with_parent_refuses_other_threads():
+    from fedtune.process import die_with_parent
+
+    errors: list[Exception] = []
+
+    def spawn() -> None:
+        try:
+            die_with_parent()
+        except RuntimeError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=spawn)
+    thread.start()
+    thread.join()
+    assert errors and "main thread" in str(errors[0])
 
 
 def test_one_key_type():
