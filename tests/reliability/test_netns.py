@@ -20,6 +20,7 @@ from fedtune.certs import certificate_sans, generate
 from fedtune.federation import CONNECTION, LocalFederation, ManagedProcess
 from fedtune.flwr_config import write_connection
 from tests.conftest import REPO
+from tests.host import sh
 from tests.reliability.conftest import small_config
 from tests.reliability.helpers import read_results, report, wait_until
 
@@ -40,13 +41,6 @@ def _ip_netns_available() -> bool:
     if shutil.which("ip") is None or shutil.which("tc") is None:
         return False
     return subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
-
-
-def sh(*cmd: str) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip()}")
-    return done.stdout
 
 
 def setup_network() -> None:

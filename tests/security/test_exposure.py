@@ -24,6 +24,7 @@ import pytest
 from fedtune.federation import CONNECTION, LocalFederation, ManagedProcess
 from fedtune.flwr_config import write_connection
 from tests.conftest import REPO, tiny_run_config
+from tests.host import sh
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +40,6 @@ def _netns_available() -> bool:
     if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
         return False
     return subprocess.run(["ip", "netns", "list"], capture_output=True).returncode == 0
-
-
-def sh(*cmd: str) -> str:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip()}")
-    return done.stdout
 
 
 def setup_network() -> None:
