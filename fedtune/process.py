@@ -36,6 +36,7 @@ def exit_with_parent(parent_pid: int, on_gone: Callable[[], None] = _exit_now, i
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
@@ -63,3 +64,32 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
             kill(getpid(), signum)
 
     return hook
+
+
+def adopt_orphans() -> bool:
+    """Make this process a child subreaper (Linux): a descendant whose parent dies is reparented to us,
+    not to init, so a supervisor can still stop it. False where that is not possible."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return bool(ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+
+def our_children() -> set[int]:
+    """The pids of this process's live children (those it started and orphans it adopted), from /proc."""
+    me, found = os.getpid(), set[int]()
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == me and fields[0] != "Z":
+            found.add(int(entry))
+    return found

@@ -43,7 +43,7 @@ from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.logs import configure_logging
 from fedtune.metrics.sidecar import start_sidecar
 from fedtune.preflight import OneLineParser, env_port, port_arg, port_or_zero_arg
-from fedtune.process import die_with_parent
+from fedtune.process import adopt_orphans, die_with_parent, our_children
 from fedtune.runtime_env import env_flag, env_tristate, find_executable, flwr_env, passthrough
 from superlink import proxy
 
@@ -208,15 +208,19 @@ def _reap(pid: int) -> int | None:
 
 
 def _stop(children: dict[int, str], grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM every child still running, SIGKILL after `grace` seconds."""
-    for pid in children:
+    """SIGTERM every child still running, SIGKILL after `grace` seconds. Children are those we started and
+    any orphan of theirs we adopted (see `run`): the workers of an nginx master that was SIGKILLed keep
+    the public port open."""
+    targets = set(children) | our_children()
+    for pid in targets:
         if _reap(pid) is None:
             with_suppressed_kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    pending = set(children)
+    pending = set(targets)
     while pending and time.monotonic() < deadline:
         pending = {pid for pid in pending if _reap(pid) is None}
-        time.sleep(0.1)
+        if pending:
+            time.sleep(0.1)
     for pid in pending:
         with_suppressed_kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
@@ -315,6 +319,9 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
     # the kernel sends each child SIGTERM instead, so no SuperLink or nginx outlives it. Spawned from
     # this, the main thread (die_with_parent says why).
     with_parent = die_with_parent(signal.SIGTERM)
+    # Orphans of our children (a SIGKILLed nginx master's workers) become ours, for `_stop` to end; in a
+    # container we are PID 1 and adopt them anyway.
+    adopt_orphans()
     try:
         # Flower's own CLI, run through superlink.flower_entry (longer SQLite busy timeout, our log pipeline).
         superlink = subprocess.Popen(

@@ -99,6 +99,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("victim", ["nginx", "superlink.flower_entry"])
 def test_either_process_dying_stops_the_other(tmp_path, victim):
     fed = LocalFederation(tmp_path / "fed")
+    tree: list[int] = []
     try:
         fed.start_superlink()
         launcher = fed.superlink.process
@@ -109,6 +110,7 @@ def test_either_process_dying_stops_the_other(tmp_path, victim):
         }
         target = roles.pop(victim)
         (other,) = roles.values()
+        tree = process_tree(launcher.pid)
         os.kill(target, signal.SIGKILL)
         code = launcher.wait(timeout=60)
         assert code != 0
@@ -116,10 +118,19 @@ def test_either_process_dying_stops_the_other(tmp_path, victim):
         while _alive(other) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _alive(other), f"{_cmdline(other)} still running"
+        # nor what the killed one had started: a SIGKILLed nginx master's workers would keep the public port
+        # open (the launcher stops the dead master's process group); Flower's SuperExec, in a session of its
+        # own, exits when it sees its SuperLink gone
+        while [pid for pid in tree if alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [cmdline(pid) for pid in tree if alive(pid)]
         assert fed.health() is None
         assert "exited" in fed.superlink.log_text()
     finally:
         fed.stop()
+        for pid in tree:  # only if an assertion failed
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @needs_nginx
