@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--steps", type=int, default=None, help="override train.max-steps (CPU smoke)")
     parser.add_argument("--no-preload", action="store_true", help="load the model in round 1 instead")
+    parser.add_argument(
+        "--cold-clientapp", action="store_true",
+        help="SuperNodes start a fresh flwr-clientapp per message, as Flower does (default: prestarted)",
+    )
     parser.add_argument("--run-timeout", type=float, default=3600.0)
     parser.add_argument("--json", type=Path, default=None)
     return parser
@@ -154,6 +158,8 @@ def start_federation(
             ]
             if not args.no_preload:
                 extra += ["--warm-trainer-preload", str(preload)]
+            if args.cold_clientapp:
+                extra.append("--cold-clientapp")
             fed.start_supernode(i, args.nodes, extra_args=extra)
         yield fed, sockets
     finally:
@@ -178,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         "nodes": args.nodes,
         "rounds": args.rounds,
         "superlink_db": args.superlink_db,
+        "clientapp": "cold" if args.cold_clientapp else "prestarted",
         "runs": [],
     }
     print(f"machine: {payload['machine']}", flush=True)
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"federation up: SuperLink + {args.nodes} SuperNodes in "
             f"{payload['superlink_and_nodes_up_seconds']:.1f} s, warm trainers preloaded "
-            f"{payload['preload_seconds']:.1f} s later (db: {args.superlink_db})",
+            f"{payload['preload_seconds']:.1f} s later (db: {args.superlink_db}, "
+            f"ClientApp: {payload['clientapp']})",
             flush=True,
         )
         for profile, transport, rounds in specs:

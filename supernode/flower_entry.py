@@ -1,25 +1,31 @@
-"""`flower-supernode` with a shorter wait between polls, through fedtune's log pipeline.
+"""`flower-supernode` with a shorter wait between polls and a prestarted ClientApp, through fedtune's logs.
 
 Flower 1.42's SuperNode sleeps a fixed 3 s whenever a poll of the SuperLink finds no message, and 0.5 s
 between checks for the ClientApp's reply and for its content: a round's message waits 1.5 s on average (up
 to 3 s) before the node even starts to download it, and the reply up to 0.5 s before the upload starts
 (bench/federation.py shows both hops). We poll every FEDTUNE_SUPERNODE_POLL_SECONDS (default 1 s: one small
-HTTPS request per second per idle node) and check for the reply every 0.1 s (an in-memory lookup); everything
-else is Flower's own CLI.
+HTTPS request per second per idle node) and check for the reply every 0.1 s (an in-memory lookup).
+
+The SuperNode starts its SuperExec as `flower-superexec`; we start `supernode.prestart` instead (the same
+CLI, with a ClientApp process started before each message) unless FEDTUNE_CLIENTAPP_PRESTART=0.
+Everything else is Flower's own CLI.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
+from typing import Any
 
 POLL_ENV = "FEDTUNE_SUPERNODE_POLL_SECONDS"
 DEFAULT_POLL_S = 1.0
 REPLY_CHECK_S = 0.1
 _FLWR_IDLE_S = 3  # the literal waits in flwr.supernode.start_client_internal
 _FLWR_REPLY_S = 0.5
+PRESTART_ENV = "FEDTUNE_CLIENTAPP_PRESTART"
 
 
 def patched_clock(poll: float) -> SimpleNamespace:
@@ -35,6 +41,21 @@ def patched_clock(poll: float) -> SimpleNamespace:
     clock = SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
     clock.sleep = sleep
     return clock
+
+
+def prestarting_subprocess() -> SimpleNamespace:
+    """The `subprocess` module as start_client_internal sees it: `flower-superexec` becomes
+    `python -m supernode.prestart` with the same arguments, every other command is left alone."""
+
+    def popen(command: Any, *args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+        if isinstance(command, list) and command[:1] == ["flower-superexec"]:
+            command = [sys.executable, "-m", "supernode.prestart", *command[1:]]
+        return subprocess.Popen(command, *args, **kwargs)
+
+    module = SimpleNamespace(**{name: getattr(subprocess, name) for name in dir(subprocess)
+                                if not name.startswith("__")})
+    module.Popen = popen
+    return module
 
 
 def poll_seconds() -> float:
@@ -53,8 +74,11 @@ def main() -> None:
     from flwr.supernode.cli import flower_supernode
 
     from fedtune.logs import FORMAT_ENV, run_with_logging
+    from fedtune.runtime_env import env_tristate
 
     internal.time = patched_clock(poll_seconds())  # type: ignore[assignment]
+    if env_tristate(PRESTART_ENV) is not False:  # on unless set to 0/false
+        internal.subprocess = prestarting_subprocess()  # type: ignore[assignment]
     argv = ["flower-supernode", *sys.argv[1:]]
     if os.environ.get(FORMAT_ENV, "").strip().lower() == "flwr":  # flwr's own log format
         sys.argv = argv

@@ -5,8 +5,10 @@ or host name (`--partition-from-ordinal`, StatefulSet style) plus `--partition-o
 Every flag also reads an environment variable: FEDTUNE_SUPERLINK, FEDTUNE_ROOT_CERTIFICATES,
 FEDTUNE_PARTITION_ID, FEDTUNE_PARTITION_FROM_ORDINAL (1/0), FEDTUNE_PARTITION_OFFSET,
 FEDTUNE_NUM_PARTITIONS, FEDTUNE_DATA_PATH, FEDTUNE_CLIENTAPP_PORT, FEDTUNE_AUTH_KEY, FEDTUNE_INSECURE,
-FEDTUNE_WARM_TRAINER (1/0), FEDTUNE_TRAINER_SOCKET, FEDTUNE_WARM_TRAINER_PRELOAD, FEDTUNE_COMPILE_CACHE_DIR.
+FEDTUNE_WARM_TRAINER (1/0), FEDTUNE_TRAINER_SOCKET, FEDTUNE_WARM_TRAINER_PRELOAD, FEDTUNE_COMPILE_CACHE_DIR,
+FEDTUNE_CLIENTAPP_PRESTART (0 = --cold-clientapp).
 With --warm-trainer the SuperNode starts only once its warm trainer answers (supernode/warm_trainer.py).
+Each message's ClientApp process is started ahead, while the node waits (supernode/prestart.py).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from fedtune.certs import check_ca_file
 from fedtune.dataset import check_local_data
 from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.preflight import OneLineParser, env_int, env_port, port_arg
-from fedtune.runtime_env import env_flag, find_executable, flwr_env, passthrough, require_file
+from fedtune.runtime_env import env_flag, env_tristate, find_executable, flwr_env, passthrough, require_file
 from supernode import warm_trainer
+from supernode.flower_entry import PRESTART_ENV
 from supernode.warm_trainer import private_socket
 
 DEFAULT_CLIENTAPP_PORT = 9094
@@ -89,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--warm-trainer-preload", default=env("FEDTUNE_WARM_TRAINER_PRELOAD"), metavar="RUN_CONFIG_TOML",
         help="load this run config's model when the warm trainer starts (else on the first round)",
+    )
+    parser.add_argument(
+        "--cold-clientapp", action="store_true", default=env_tristate(PRESTART_ENV) is False,
+        help="start a fresh flwr-clientapp for every message, as Flower does "
+        "(default: one is started ahead, while the node waits)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the command and exit")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: passed to flower-supernode")
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     env = flwr_env()
     # The SuperNode's SuperExec polls for the ClientApp task every 1 s by default (Flower's own knob)
     env.setdefault(SUPEREXEC_POLL_ENV, DEFAULT_SUPEREXEC_POLL_S)
+    env[PRESTART_ENV] = "0" if args.cold_clientapp else "1"
     os.execve(sys.executable, [sys.executable, "-m", "supernode.flower_entry", *cmd[1:]], env)
 
 

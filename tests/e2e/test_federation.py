@@ -12,6 +12,7 @@ from fedtune.certs import generate
 from fedtune.config import FedTuneConfig
 from fedtune.federation import LocalFederation
 from tests.conftest import REPO, per_message_bytes, sent_message_bytes, tiny_run_config
+from tests.reliability.helpers import descendants
 
 pytestmark = pytest.mark.slow
 ROUNDS = 3
@@ -104,6 +105,20 @@ def test_every_round_has_its_timeline(finished_run):
             assert stamps["server_received"] <= line["all_replies"]
             assert node["status"] == "accepted" and node["train_seconds"] > 0
             assert {"data", "model_load", "adapter_in", "train", "adapter_out"} <= set(node["stage_seconds"])
+
+
+def test_every_message_ran_in_a_prestarted_clientapp(finished_run, federation):
+    """supernode/prestart.py: each round's ClientApp was started ahead (its log line says so), none cold
+    (Flower's `flwr-clientapp` CLI logs "Start `flwr-clientapp` process"), and each SuperNode has its next
+    worker waiting — a child of the node's SuperExec — once the run is over."""
+    assert finished_run[1]["status"] == "finished:completed"
+    for node in federation.supernodes:
+        log_text = node.log_text()
+        assert log_text.count("Start prestarted `flwr-clientapp` process") == ROUNDS, log_text[-3000:]
+        assert "Start `flwr-clientapp` process" not in log_text
+        superexecs = descendants(node.process.pid, "supernode.prestart")
+        assert len(superexecs) == 1, node.name
+        assert len(descendants(superexecs[0], "supernode.clientapp_worker")) == 1, node.name
 
 
 def test_supernode_with_another_ca_cannot_join(federation, tmp_path):
