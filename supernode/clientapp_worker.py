@@ -13,6 +13,8 @@ as in the cold path (a module imported here would shadow the FAB's copy)."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 import time
 
@@ -37,10 +39,14 @@ def main(argv: list[str] | None = None) -> None:
         from fedtune.process import exit_with_parent
 
         exit_with_parent(args.parent_pid)  # an idle worker of a stopped SuperExec must not linger
-    import importlib
+    from fedtune.logs import FORMAT_ENV, configure_logging
 
     for name in PRELOADED:
         importlib.import_module(name)
+    # flwr's lines through fedtune's pipeline (JSON off a terminal), as the SuperNode's own: after flwr's
+    # import, which installs flwr's own handler. FORMAT_ENV=flwr keeps flwr's format there and here.
+    if os.environ.get(FORMAT_ENV, "").strip().lower() != "flwr":
+        configure_logging()
     from logging import INFO
 
     from flwr.supercore import log

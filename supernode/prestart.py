@@ -188,8 +188,14 @@ def main() -> None:
         flower_run(**kwargs)
 
     cli.run_superexec = run
-    sys.argv[0] = "flower-superexec"
-    cli.flower_superexec()
+    from fedtune.logs import FORMAT_ENV, run_with_logging
+
+    argv = ["flower-superexec", *sys.argv[1:]]
+    if os.environ.get(FORMAT_ENV, "").strip().lower() == "flwr":  # flwr's own log format
+        sys.argv = argv
+        cli.flower_superexec()
+        return
+    run_with_logging(cli.flower_superexec, argv)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,21 @@ def descendants(pid: int, marker: str) -> list[int]:
     return found
 
 
+# A ClientApp task starting on a SuperNode, in its log: a prestarted worker taking its token
+# (supernode/prestart.py) or, started cold, Flower's `flwr-clientapp`. An idle prestarted worker is always
+# there, so a process alone does not say that a message is being worked on.
+CLIENTAPP_START_LINES = ("Start prestarted `flwr-clientapp` process", "Start `flwr-clientapp` process")
+
+
+def clientapps_started(nodes: list[Any]) -> int:
+    """ClientApp tasks started so far on these SuperNodes (their logs, killed ones included): lines, as a JSON
+    line may name its message twice."""
+    return sum(
+        any(marker in line for marker in CLIENTAPP_START_LINES)
+        for node in nodes for line in node.log_text().splitlines()
+    )
+
+
 def kill9(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)

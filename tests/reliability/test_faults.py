@@ -15,6 +15,7 @@ from tests.conftest import REPO, per_message_bytes, sent_message_bytes
 from tests.reliability.conftest import small_config
 from tests.reliability.helpers import (
     all_finite,
+    clientapps_started,
     descendants,
     kill9,
     load_state,
@@ -31,8 +32,12 @@ pytestmark = pytest.mark.slow
 RUN_TIMEOUT = 900
 
 
-def training_in_flight(fed) -> bool:
-    return any(descendants(node.process.pid, "flwr-clientapp") for node in fed.supernodes if node.alive())
+def wait_for_round_2_in_flight(fed, run_dir, started_before: int) -> None:
+    """Round 1 aggregated, and a ClientApp task of round 2 started on some SuperNode."""
+    wait_until(lambda: rounds_done(run_dir) >= 1, RUN_TIMEOUT, "round 1 to finish")
+    round_1_tasks = len(read_results(run_dir)["rounds"][0]["nodes"])
+    wait_until(lambda: clientapps_started(fed.supernodes) - started_before > round_1_tasks, 300,
+               "round 2 to be in flight", poll=0.2)
 
 
 def wait_for_exit(node, timeout: float = 120) -> str:
@@ -115,10 +120,10 @@ def check_resumed(fed, interrupted_dir, resumed_id, clean, what: str, rounds_bef
 def test_superlink_killed_mid_run_then_resumed(auth_federation, clean_run):
     fed = auth_federation
     config = clean_run[0]
+    started_before = clientapps_started(fed.supernodes)
     run_id = fed.submit(REPO, overrides=config)
     run_dir = fed.run_dir(run_id)
-    wait_until(lambda: rounds_done(run_dir) >= 1, RUN_TIMEOUT, "round 1 to finish")
-    wait_until(lambda: training_in_flight(fed), 300, "round 2 to be in flight", poll=0.2)
+    wait_for_round_2_in_flight(fed, run_dir, started_before)
     assert fed.superlink is not None
     fed.superlink.kill()  # kill -9 of the SuperLink and its ServerApp
     rounds_before = rounds_done(run_dir)
@@ -136,10 +141,10 @@ def test_superlink_killed_mid_run_then_resumed(auth_federation, clean_run):
 def test_serverapp_killed_mid_run_then_resumed(auth_federation, clean_run):
     fed = auth_federation
     config = clean_run[0]
+    started_before = clientapps_started(fed.supernodes)
     run_id = fed.submit(REPO, overrides=config)
     run_dir = fed.run_dir(run_id)
-    wait_until(lambda: rounds_done(run_dir) >= 1, RUN_TIMEOUT, "round 1 to finish")
-    wait_until(lambda: training_in_flight(fed), 300, "round 2 to be in flight", poll=0.2)
+    wait_for_round_2_in_flight(fed, run_dir, started_before)
     assert fed.superlink is not None
     serverapps = descendants(fed.superlink.process.pid, "flwr-serverapp")
     assert serverapps, "the SuperLink runs the ServerApp as a child process"
@@ -158,11 +163,10 @@ def test_supernode_killed_mid_round_is_reported_and_rejoins(auth_federation, tin
     config = small_config(tiny_model_dir)
     victim = next(n for n in fed.supernodes if n.name == "supernode-1" and n.alive())
     victim_id = fed.registered_keys["supernode-1"]
+    started_before = clientapps_started([victim])
     run_id = fed.submit(REPO, overrides=config)
     run_dir = fed.run_dir(run_id)
-    wait_until(
-        lambda: descendants(victim.process.pid, "flwr-clientapp"), 300, "round 1 on the victim", poll=0.2
-    )
+    wait_until(lambda: clientapps_started([victim]) > started_before, 300, "round 1 on the victim", poll=0.2)
     victim.kill()
     killed_at = time.monotonic()
     wait_until(lambda: rounds_done(run_dir) >= 1, 600, "round 1 to aggregate without the lost node")
