@@ -74,13 +74,13 @@ def adopt_orphans() -> bool:
     return bool(ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
-def our_children() -> set[int]:
-    """The pids of this process's live children (those it started and orphans it adopted), from /proc."""
-    me, found = os.getpid(), set[int]()
+def process_parents() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter) of every process in /proc; one that ends while read is left out."""
+    table: dict[int, tuple[int, str]] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return found
+        return table
     for entry in entries:
         if not entry.isdigit():
             continue
@@ -89,7 +89,12 @@ def our_children() -> set[int]:
                 stat = handle.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[1]) == me and fields[0] != "Z":
-            found.add(int(entry))
-    return found
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm)": state, ppid, ...
+        table[int(entry)] = (int(fields[1]), fields[0])
+    return table
+
+
+def our_children() -> set[int]:
+    """The pids of this process's live children (those it started and orphans it adopted), from /proc."""
+    me = os.getpid()
+    return {pid for pid, (parent, state) in process_parents().items() if parent == me and state != "Z"}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from fedtune.process import process_parents
+
 
 def sh(*cmd: str) -> str:
     """Run a command; its stdout, or RuntimeError with its stderr."""
@@ -33,15 +35,8 @@ def alive(pid: int) -> bool:
 def process_tree(pid: int) -> list[int]:
     """Every live descendant of `pid` (children, grandchildren, ...)."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+    for child, (parent, _) in process_parents().items():
+        children.setdefault(parent, []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):

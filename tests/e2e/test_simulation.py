@@ -19,8 +19,10 @@ import pytest
 
 from fedtune.federation import TERMINAL_STATUSES, free_port
 from fedtune.flwr_config import LOCAL_SIMULATION, write_simulation_connection
+from fedtune.process import process_parents
 from fedtune.runtime_env import flwr_env
 from tests.conftest import REPO, per_message_bytes, sent_message_bytes, tiny_run_config
+from tests.host import cmdline, process_tree
 
 pytest.importorskip("ray", reason="needs the simulation extra: pip install 'flwr[simulation]==1.42.0'")
 
@@ -32,40 +34,12 @@ NUM_SUPERNODES = 20
 FEDERATION_CONFIG = f"num-supernodes={NUM_SUPERNODES} client-resources-num-cpus=1 init-args-num-cpus=2"
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process we can see."""
-    found: dict[int, tuple[int, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        found[int(entry.name)] = (ppid, cmdline)
-    return found
-
-
-def _descendants(root: int, procs: dict[int, tuple[int, str]]) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def stop_local_superlink(flwr_home: Path, timeout: float = 20.0) -> list[int]:
     """Stop the detached `flower-superlink --simulation` that `flwr` started for this FLWR_HOME (its
     log file lies under it), with its process group and every descendant (flwr-simulation, Ray)."""
-    procs = _processes()
     marker = str(flwr_home / "local-superlink")
-    roots = [pid for pid, (_, cmd) in procs.items() if "flower-superlink" in cmd and marker in cmd]
-    targets = {pid for root in roots for pid in [root, *_descendants(root, procs)]}
+    roots = [pid for pid in process_parents() if "flower-superlink" in cmdline(pid) and marker in cmdline(pid)]
+    targets = {pid for root in roots for pid in [root, *process_tree(root)]}
     for root in roots:  # started with start_new_session: its process group is its pid
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(root, signal.SIGTERM)
@@ -179,4 +153,4 @@ def test_simulation_budget_is_the_leaderboard_formula(simulation):
 def test_local_superlink_is_stopped(simulation):
     stop_local_superlink(simulation["flwr_home"])
     marker = str(simulation["flwr_home"] / "local-superlink")
-    assert not [cmd for _, cmd in _processes().values() if "flower-superlink" in cmd and marker in cmd]
+    assert not [pid for pid in process_parents() if "flower-superlink" in cmdline(pid) and marker in cmdline(pid)]

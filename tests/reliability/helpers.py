@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.host import cmdline, process_tree
+
 REPORT: list[dict[str, Any]] = []  # what each test injected and what survived (printed at the end)
 
 
@@ -49,38 +51,9 @@ def run_log(fed, run_id: int) -> str:
 
 
 # ---- processes ----------------------------------------------------------------------------------
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def descendants(pid: int, marker: str) -> list[int]:
     """Live descendants of `pid` whose command line contains `marker` (e.g. flwr-serverapp)."""
-    tree, found, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            todo.append(child)
-            if marker in cmdline(child):
-                found.append(child)
-    return found
+    return [child for child in process_tree(pid) if marker in cmdline(child)]
 
 
 # A ClientApp task starting on a SuperNode, in its log: a prestarted worker taking its token
