@@ -305,10 +305,15 @@ def bind_round(strategy: Any) -> Any:
     return strategy
 
 
+def flwr_format() -> bool:
+    """FEDTUNE_LOG_FORMAT=flwr: flwr's programs keep flwr's own log format (this pipeline stays out)."""
+    return os.environ.get(FORMAT_ENV, "").strip().lower() == "flwr"
+
+
 def exec_args(executable: str, cmd: list[str]) -> tuple[str, list[str]]:
     """(path, argv) for os.execve: run console script `cmd[0]` through this pipeline (flwr's lines become
     JSON too). FEDTUNE_LOG_FORMAT=flwr keeps flwr's own format (exec the program directly)."""
-    if os.environ.get(FORMAT_ENV, "").strip().lower() == "flwr":
+    if flwr_format():
         return executable, cmd
     return sys.executable, [sys.executable, "-m", "fedtune.logs", executable, *cmd[1:]]
 
@@ -346,9 +351,11 @@ def _run_console_script(argv: list[str]) -> None:
 
 
 def run_with_logging(main: Any, argv: list[str]) -> None:
-    """Call an already imported console-script `main` with argv, its logs through this pipeline."""
-    configure_logging()
-    _adopt_after_dict_config(("uvicorn", "uvicorn.error", "uvicorn.access"))
+    """Call an already imported console-script `main` with argv, its logs through this pipeline
+    (FEDTUNE_LOG_FORMAT=flwr: in flwr's own format)."""
+    if not flwr_format():
+        configure_logging()
+        _adopt_after_dict_config(("uvicorn", "uvicorn.error", "uvicorn.access"))
     sys.argv = [argv[0], *argv[1:]]
     result = main()
     raise SystemExit(result if isinstance(result, int) else 0)

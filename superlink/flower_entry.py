@@ -19,7 +19,7 @@ def main() -> None:
     import flwr.supercore.sql_mixin as sql_mixin
     from flwr.superlink.cli import flower_superlink
 
-    from fedtune.logs import FORMAT_ENV, run_with_logging
+    from fedtune.logs import run_with_logging
 
     timeout_ms = int(os.environ.get("FEDTUNE_SQLITE_BUSY_TIMEOUT_MS", DEFAULT_BUSY_TIMEOUT_MS))
     # read per connection by sql_mixin._set_sqlite_pragmas, so replacing the module global suffices
@@ -27,12 +27,7 @@ def main() -> None:
         (name, str(timeout_ms) if name == "busy_timeout" else value)
         for name, value in sql_mixin.SQLITE_PRAGMAS
     )
-    argv = ["flower-superlink", *sys.argv[1:]]
-    if os.environ.get(FORMAT_ENV, "").strip().lower() == "flwr":  # flwr's own log format
-        sys.argv = argv
-        flower_superlink()
-        sys.exit(0)
-    run_with_logging(flower_superlink, argv)
+    run_with_logging(flower_superlink, ["flower-superlink", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import time
 
@@ -39,13 +38,13 @@ def main(argv: list[str] | None = None) -> None:
         from fedtune.process import exit_with_parent
 
         exit_with_parent(args.parent_pid)  # an idle worker of a stopped SuperExec must not linger
-    from fedtune.logs import FORMAT_ENV, configure_logging
+    from fedtune.logs import configure_logging, flwr_format
 
     for name in PRELOADED:
         importlib.import_module(name)
     # flwr's lines through fedtune's pipeline (JSON off a terminal), as the SuperNode's own: after flwr's
     # import, which installs flwr's own handler. FORMAT_ENV=flwr keeps flwr's format there and here.
-    if os.environ.get(FORMAT_ENV, "").strip().lower() != "flwr":
+    if not flwr_format():
         configure_logging()
     from logging import INFO
 

@@ -73,18 +73,13 @@ def main() -> None:
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli import flower_supernode
 
-    from fedtune.logs import FORMAT_ENV, run_with_logging
+    from fedtune.logs import run_with_logging
     from fedtune.runtime_env import env_tristate
 
     internal.time = patched_clock(poll_seconds())  # type: ignore[assignment]
     if env_tristate(PRESTART_ENV) is not False:  # on unless set to 0/false
         internal.subprocess = prestarting_subprocess()  # type: ignore[assignment]
-    argv = ["flower-supernode", *sys.argv[1:]]
-    if os.environ.get(FORMAT_ENV, "").strip().lower() == "flwr":  # flwr's own log format
-        sys.argv = argv
-        flower_supernode()
-        return
-    run_with_logging(flower_supernode, argv)
+    run_with_logging(flower_supernode, ["flower-supernode", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -188,14 +188,9 @@ def main() -> None:
         flower_run(**kwargs)
 
     cli.run_superexec = run
-    from fedtune.logs import FORMAT_ENV, run_with_logging
+    from fedtune.logs import run_with_logging
 
-    argv = ["flower-superexec", *sys.argv[1:]]
-    if os.environ.get(FORMAT_ENV, "").strip().lower() == "flwr":  # flwr's own log format
-        sys.argv = argv
-        cli.flower_superexec()
-        return
-    run_with_logging(cli.flower_superexec, argv)
+    run_with_logging(cli.flower_superexec, ["flower-superexec", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

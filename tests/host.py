@@ -23,6 +23,11 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Every process whose command line contains `text`."""
+    return [pid for pid in process_parents() if text in cmdline(pid)]
+
+
 def alive(pid: int) -> bool:
     """Running (a zombie waiting for its reaper has ended)."""
     try:

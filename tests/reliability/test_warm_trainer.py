@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.host import processes_mentioning
 
 NOBODY = 65534
 
@@ -291,16 +292,6 @@ def test_a_squatters_socket_never_receives_the_round(traversable):
 # ---- lifecycle: readiness and restarts ---------------------------------------------------------------------
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for proc_dir in Path("/proc").iterdir():
-        if proc_dir.name.isdigit():
-            with contextlib.suppress(OSError):
-                if text in (proc_dir / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(proc_dir.name))
-    return found
-
-
 def test_supernode_start_fails_when_the_trainer_never_becomes_ready(tmp_path):
     folder = private_dir(tmp_path)
     sock = folder / "trainer.sock"
@@ -318,7 +309,7 @@ def test_supernode_start_fails_when_the_trainer_never_becomes_ready(tmp_path):
     lines = [line for line in done.stderr.splitlines() if "warm trainer not ready" in line]
     assert lines, done.stderr[-2000:]
     time.sleep(1.0)
-    assert _processes_mentioning(str(sock)) == []  # the supervisor and its service were stopped
+    assert processes_mentioning(str(sock)) == []  # the supervisor and its service were stopped
 
 
 def test_a_dead_trainer_is_started_again(tmp_path):
@@ -353,7 +344,7 @@ def test_a_dead_trainer_is_started_again(tmp_path):
         supervisor.terminate()
         supervisor.wait(timeout=30)
     time.sleep(0.5)
-    assert _processes_mentioning(str(sock)) == []
+    assert processes_mentioning(str(sock)) == []
 
 
 def test_supernode_entry_shortens_only_flowers_fixed_waits(monkeypatch):

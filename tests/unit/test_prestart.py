@@ -15,6 +15,7 @@ from flwr.supercore.superexec.executor import ExecutionSpec, SubprocessExecutor
 
 from supernode.flower_entry import prestarting_subprocess
 from supernode.prestart import PrestartedClientAppExecutor, WorkerSettings
+from tests.host import processes_mentioning
 
 ADDRESS = "127.0.0.1:1"  # nothing listens: a task handed to a worker here fails, which these tests never do
 
@@ -34,18 +35,6 @@ def spec(token: str = "token-1", **overrides: object) -> ExecutionSpec:
     }
     values.update(overrides)
     return ExecutionSpec(**values)  # type: ignore[arg-type]
-
-
-def processes_with(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def wait_until(predicate, timeout: float = 30.0) -> bool:
@@ -97,8 +86,8 @@ def test_a_dead_worker_is_replaced_and_its_task_started_cold(monkeypatch):
         result = executor.launch(spec(token))  # the worker is dead: Flower's own cold start takes the task
         assert str(result.status) == "accepted"
         assert executor.handed_over == 0
-        assert wait_until(lambda: processes_with(f"--token {token}") != [])  # a `flwr-clientapp --token`
-        for pid in processes_with(f"--token {token}"):
+        assert wait_until(lambda: processes_mentioning(f"--token {token}") != [])  # a `flwr-clientapp --token`
+        for pid in processes_mentioning(f"--token {token}"):
             os.kill(pid, 9)
         executor.reconcile()
         assert executor.idle is not None and executor.idle.process.pid != first.pid
