@@ -3,7 +3,8 @@ authentication, N SuperNodes with warm trainers, and `flwr run` of R rounds — 
 
     python -m bench.federation --work DIR [--tiny] [--nodes 2] [--rounds 2]
         [--runs reference:packed,reference:per-tensor,fast:packed,...] [--transport packed|per-tensor]
-        [--superlink-db file|memory] [--steps N] [--json PATH]
+        [--superlink-db file|sqlite-memory|flwr-memory] [--object-store memory|database]
+        [--transfer-concurrency N] [--cold-clientapp] [--steps N] [--json PATH]
 
 DIR holds `python -m bench.supernode_round prepare` output (built here if missing: the InternLM3-8B-shaped
 random model on a GPU, `--tiny` the 2-layer one for a CPU). Every run of `--runs` (profile:transport; a
@@ -41,7 +42,7 @@ from bench.federation_run import REPO, one_run, run_config
 from bench.federation_table import print_comparison
 from clientapp.warm.protocol import ping
 from fedtune.federation import LocalFederation
-from fedtune.runtime_env import silence_flwr
+from fedtune.runtime_env import TRANSFER_CONCURRENCY_ENV, silence_flwr
 from fedtune.toml_io import write as write_toml
 
 # --superlink-db: what LocalFederation's SuperLink gets as --database (None: its SQLite file)
@@ -107,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--superlink-db", choices=sorted(DATABASES), default="file",
         help="SuperLink state: SQLite file (the default), SQLite :memory:, or Flower's in-memory state",
     )
+    parser.add_argument(
+        "--object-store", choices=["memory", "database"], default="memory",
+        help="the SuperLink's message objects: in memory (fedtune's default) or in its database (Flower's)",
+    )
+    parser.add_argument(
+        "--transfer-concurrency", type=int, default=None,
+        help="objects each Flower process pushes/pulls at a time (default: fedtune's, 8; Flower's is 2)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="override train.max-steps (CPU smoke)")
     parser.add_argument("--no-preload", action="store_true", help="load the model in round 1 instead")
     parser.add_argument(
@@ -139,13 +148,15 @@ def start_federation(
     authentication, and `--nodes` SuperNodes, each with a warm trainer on its own private socket that
     preloads the first run's (profile, transport) configuration unless `--no-preload`. Yields the federation
     and the trainers' sockets; on exit stops every process and removes the sockets' folders."""
-    fed = LocalFederation(fed_dir, supernode_auth=True, extra_env={"OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", "1")})
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if args.transfer_concurrency:
+        env.update(dict.fromkeys(TRANSFER_CONCURRENCY_ENV, str(args.transfer_concurrency)))
+    fed = LocalFederation(fed_dir, supernode_auth=True, extra_env=env)
     sockets: list[str] = []
     try:
         database = DATABASES[args.superlink_db]
         db = ["--database", database] if database else []
-        fed.start_superlink(db)
+        fed.start_superlink([*db, "--object-store", args.object_store])
         preload = fed_dir / "preload.toml"
         write_toml(preload, run_config(work, first[0], first[1], args))
         for i in range(args.nodes):
@@ -184,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
         "nodes": args.nodes,
         "rounds": args.rounds,
         "superlink_db": args.superlink_db,
+        "object_store": args.object_store,
+        "transfer_concurrency": args.transfer_concurrency or int(
+            TRANSFER_CONCURRENCY_ENV["FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS"]),
         "clientapp": "cold" if args.cold_clientapp else "prestarted",
         "runs": [],
     }
@@ -198,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"federation up: SuperLink + {args.nodes} SuperNodes in "
             f"{payload['superlink_and_nodes_up_seconds']:.1f} s, warm trainers preloaded "
             f"{payload['preload_seconds']:.1f} s later (db: {args.superlink_db}, "
+            f"objects: {args.object_store}, "
+            f"transfer concurrency: {payload['transfer_concurrency']}, "
             f"ClientApp: {payload['clientapp']})",
             flush=True,
         )

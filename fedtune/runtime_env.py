@@ -15,12 +15,22 @@ FLWR_QUIET_ENV: Mapping[str, str] = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
 }
+# How many objects (5 MiB chunks of an adapter) one Flower process pushes or pulls at a time: Flower's
+# default is 2, capped by the CPU count. A 77 MB adapter is 16 chunks, each its own HTTPS request whose
+# latency (proxy, SuperLink handler, hashing) dominates on a fast link; more in flight hide it. Set either
+# variable to override (bench.federation --transfer-concurrency measures it).
+TRANSFER_CONCURRENCY_ENV: Mapping[str, str] = {
+    "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS": "8",
+    "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8",
+}
 
 
 def flwr_env(base: Mapping[str, str] | None = None, /, **extra: str) -> dict[str, str]:
     """A copy of `base` (default: os.environ) with telemetry and update checks off."""
     env = dict(os.environ if base is None else base)
     env.update(FLWR_QUIET_ENV)
+    for name, value in TRANSFER_CONCURRENCY_ENV.items():
+        env.setdefault(name, value)
     # flwr starts flwr-serverapp / flwr-clientapp by name: our interpreter's bin folder comes first,
     # so a venv works without being "activated".
     path = env.get("PATH", os.defpath).split(os.pathsep)

@@ -1,9 +1,17 @@
-"""`flower-superlink` with a longer SQLite busy timeout.
+"""`flower-superlink` with a longer SQLite busy timeout and message objects kept in memory.
 
-Flower 1.42 keeps the SuperLink state (including message payloads) in SQLite with a 5 s busy timeout.
-On a loaded host, concurrent pushes of multi-megabyte adapters can hold the write lock longer than
-that; the SuperLink then answers 500 and the ServerApp's run fails ("database is locked"). We wait
-longer instead (FEDTUNE_SQLITE_BUSY_TIMEOUT_MS, default 60 s); everything else is Flower's own CLI.
+Flower 1.42 keeps the SuperLink state in SQLite with a 5 s busy timeout. On a loaded host, concurrent
+pushes of multi-megabyte adapters can hold the write lock longer than that; the SuperLink then answers 500
+and the ServerApp's run fails ("database is locked"). We wait longer instead (FEDTUNE_SQLITE_BUSY_TIMEOUT_MS,
+default 60 s).
+
+With a state file, Flower also writes every message object (each 5 MiB chunk of every adapter, four 77 MB
+messages per node and round for the 8B reference) into that file and reads it back. Those objects belong to
+runs in flight only, and a run in flight does not survive a SuperLink restart (it ends `finished:failed`;
+resuming starts a new run from the ServerApp's checkpoint), so nothing is lost by keeping them in memory:
+FEDTUNE_OBJECT_STORE=memory (the default) uses Flower's in-memory object store beside the SQLite state —
+runs, node keys and logs stay in the file. `database` keeps Flower's behaviour. Everything else is Flower's
+own CLI.
 """
 
 from __future__ import annotations
@@ -13,6 +21,25 @@ import sys
 from typing import Any, cast
 
 DEFAULT_BUSY_TIMEOUT_MS = 60_000
+OBJECT_STORE_ENV = "FEDTUNE_OBJECT_STORE"
+OBJECT_STORES = ("memory", "database")
+
+
+def object_store() -> str:
+    value = os.environ.get(OBJECT_STORE_ENV, "").strip() or OBJECT_STORES[0]
+    if value not in OBJECT_STORES:
+        choices = ", ".join(OBJECT_STORES)
+        raise SystemExit(f"error: {OBJECT_STORE_ENV} must be one of {choices}, got {value!r}")
+    return value
+
+
+def keep_objects_in_memory() -> None:
+    """Flower's config loader builds the object store from `--database`; give it the in-memory one."""
+    import flwr.superlink.config_loader as config_loader
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    cast(Any, config_loader).ObjectStoreFactory = lambda _database: ObjectStoreFactory(FLWR_IN_MEMORY_DB_NAME)
 
 
 def main() -> None:
@@ -27,6 +54,8 @@ def main() -> None:
         (name, str(timeout_ms) if name == "busy_timeout" else value)
         for name, value in sql_mixin.SQLITE_PRAGMAS
     )
+    if object_store() == "memory":
+        keep_objects_in_memory()
     run_with_logging(flower_superlink, ["flower-superlink", *sys.argv[1:]])
 
 

@@ -13,8 +13,9 @@ alone on 127.0.0.1 (a chart that runs the proxy as its own container); `--insecu
 plain HTTP on --host:--port directly, every API exposed.
 
 Every flag also reads an environment variable (container and chart friendly):
-FEDTUNE_CERTS_DIR, FEDTUNE_DATABASE, FEDTUNE_HOST, FEDTUNE_PORT, FEDTUNE_INTERNAL_PORT, FEDTUNE_HEALTH_PORT,
-FEDTUNE_PROXY (1/0), FEDTUNE_PROXY_DIR, FEDTUNE_SUPERNODE_AUTH (1/0), FEDTUNE_INSECURE (1/0).
+FEDTUNE_CERTS_DIR, FEDTUNE_DATABASE, FEDTUNE_OBJECT_STORE, FEDTUNE_HOST, FEDTUNE_PORT, FEDTUNE_INTERNAL_PORT,
+FEDTUNE_HEALTH_PORT, FEDTUNE_PROXY (1/0), FEDTUNE_PROXY_DIR, FEDTUNE_SUPERNODE_AUTH (1/0),
+FEDTUNE_INSECURE (1/0).
 
 SuperNode authentication is ON by default over TLS: only SuperNodes whose public keys were registered
 (`fedtune-keys generate` + `fedtune-keys register`, see fedtune/auth.py) may join. Turn it off explicitly
@@ -46,6 +47,7 @@ from fedtune.preflight import OneLineParser, env_port, port_arg, port_or_zero_ar
 from fedtune.process import adopt_orphans, die_with_parent, our_children
 from fedtune.runtime_env import env_flag, env_tristate, find_executable, flwr_env, passthrough
 from superlink import proxy
+from superlink.flower_entry import OBJECT_STORE_ENV, OBJECT_STORES
 
 log = logging.getLogger("fedtune.superlink")
 proxy_log = logging.getLogger("fedtune.proxy")
@@ -77,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--database", default=env("FEDTUNE_DATABASE", "state/superlink.db"),
         help="SQLite state file; keep it on a volume so runs and node ids survive restarts",
+    )
+    parser.add_argument(
+        "--object-store", choices=OBJECT_STORES, default=env(OBJECT_STORE_ENV, OBJECT_STORES[0]),
+        help="where message objects (adapter chunks of runs in flight) live: memory (default; runs, node "
+        "keys and logs stay in --database) or database (Flower's default: every chunk written to the file)",
     )
     parser.add_argument(
         "--host", default=env("FEDTUNE_HOST", "0.0.0.0"), help="public bind address (the proxy's)"
@@ -144,6 +151,9 @@ def superlink_address(args: argparse.Namespace) -> tuple[str, int]:
 def build_command(args: argparse.Namespace) -> list[str]:
     """The `flower-superlink` command line for `args`, after checking every file it names."""
     host, port = superlink_address(args)
+    if args.object_store not in OBJECT_STORES:  # from FEDTUNE_OBJECT_STORE: argparse checks flags only
+        choices = ", ".join(OBJECT_STORES)
+        raise FedTuneError(f"--object-store must be one of {choices}, got {args.object_store!r}")
     cmd = [
         "flower-superlink",
         "--database", str(args.database),
@@ -323,10 +333,12 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
     # container we are PID 1 and adopt them anyway.
     adopt_orphans()
     try:
-        # Flower's own CLI, run through superlink.flower_entry (longer SQLite busy timeout, our log pipeline).
+        # Flower's own CLI, run through superlink.flower_entry (longer SQLite busy timeout, --object-store,
+        # our log pipeline).
         superlink = subprocess.Popen(
             [sys.executable, "-m", "superlink.flower_entry", *cmd[1:]],
-            env=flwr_env(), stdin=subprocess.DEVNULL, preexec_fn=with_parent,
+            env=flwr_env(**{OBJECT_STORE_ENV: args.object_store}), stdin=subprocess.DEVNULL,
+            preexec_fn=with_parent,
         )
         children[superlink.pid] = "SuperLink"
         if nginx is not None and conf is not None:
