@@ -17,6 +17,7 @@ from fedtune.accounting import CommLedger, to_mb
 from fedtune.checkpoint import load_adapter, read_round, resolve_checkpoint, save_adapter
 from fedtune.config import FedTuneConfig
 from fedtune.errors import FedTuneError
+from fedtune.flower_pulls import retry_pulls_sooner
 from fedtune.logs import bind_round, configure_logging
 from fedtune.metrics.notify import results_notifier  # small: no prometheus_client in the ServerApp
 from fedtune.model import arrays_to_state, initial_adapter_state, state_to_arrays
@@ -57,6 +58,7 @@ def _resume_point(resume_from: str) -> tuple[RunResults, Path]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     configure_logging(run_id=context.run_id)
+    retry_pulls_sooner()  # a reply is listed while its upload still runs
     cfg = FedTuneConfig.from_run_config(context.run_config)
     run_dir = run_dir_for(cfg, context.run_id, os.environ.get(OUTPUT_DIR_ENV))
     results = ResultsFile(

@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
+    from fedtune.flower_pulls import retry_pulls_sooner
+
+    # ready before its message has arrived: it would back off up to 2 s past the download's end
+    retry_pulls_sooner()
     certificates = validate_and_resolve_root_certificates(args.root_certificates, args.insecure)
     ready = time.monotonic()
     token = sys.stdin.readline().strip()

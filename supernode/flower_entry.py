@@ -4,7 +4,8 @@ Flower 1.42's SuperNode sleeps a fixed 3 s whenever a poll of the SuperLink find
 between checks for the ClientApp's reply and for its content: a round's message waits 1.5 s on average (up
 to 3 s) before the node even starts to download it, and the reply up to 0.5 s before the upload starts
 (bench/federation.py shows both hops). We poll every FEDTUNE_SUPERNODE_POLL_SECONDS (default 1 s: one small
-HTTPS request per second per idle node) and check for the reply every 0.1 s (an in-memory lookup).
+HTTPS request per second per idle node) and check for the reply every 0.1 s (an in-memory lookup). Object
+pulls retry within 0.25 s (fedtune.flower_pulls).
 
 The SuperNode starts its SuperExec as `flower-superexec`; we start `supernode.prestart` instead (the same
 CLI, with a ClientApp process started before each message) unless FEDTUNE_CLIENTAPP_PRESTART=0.
@@ -73,10 +74,12 @@ def main() -> None:
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli import flower_supernode
 
+    from fedtune.flower_pulls import retry_pulls_sooner
     from fedtune.logs import run_with_logging
     from fedtune.runtime_env import env_tristate
 
     internal.time = patched_clock(poll_seconds())  # type: ignore[assignment]
+    retry_pulls_sooner()  # a message is listed before the ServerApp has pushed all its chunks
     if env_tristate(PRESTART_ENV) is not False:  # on unless set to 0/false
         internal.subprocess = prestarting_subprocess()  # type: ignore[assignment]
     run_with_logging(flower_supernode, ["flower-supernode", *sys.argv[1:]])
