@@ -42,6 +42,7 @@ from bench.federation_run import REPO, one_run, run_config
 from bench.federation_table import print_comparison
 from clientapp.warm.protocol import ping
 from fedtune.federation import LocalFederation
+from fedtune.flower_pulls import RETRY_ENV as PULL_RETRY_ENV
 from fedtune.runtime_env import TRANSFER_CONCURRENCY_ENV, silence_flwr
 from fedtune.toml_io import write as write_toml
 
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--transfer-concurrency", type=int, default=None,
         help="objects each Flower process pushes/pulls at a time (default: fedtune's, 8; Flower's is 2)",
     )
+    parser.add_argument(
+        "--flower-transfer", action="store_true",
+        help="Flower's own transfer settings: objects in the database, 2 at a time, pulls backing off 1-10 s",
+    )
     parser.add_argument("--steps", type=int, default=None, help="override train.max-steps (CPU smoke)")
     parser.add_argument("--no-preload", action="store_true", help="load the model in round 1 instead")
     parser.add_argument(
@@ -149,6 +154,8 @@ def start_federation(
     preloads the first run's (profile, transport) configuration unless `--no-preload`. Yields the federation
     and the trainers' sockets; on exit stops every process and removes the sockets' folders."""
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if args.flower_transfer:
+        env[PULL_RETRY_ENV] = "flower"
     if args.transfer_concurrency:
         env.update(dict.fromkeys(TRANSFER_CONCURRENCY_ENV, str(args.transfer_concurrency)))
     fed = LocalFederation(fed_dir, supernode_auth=True, extra_env=env)
@@ -181,6 +188,8 @@ def start_federation(
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.flower_transfer:
+        args.object_store, args.transfer_concurrency = "database", 2
     silence_flwr()
     # stopped from outside (timeout, kill): unwind, so the federation's processes are stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -195,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         "nodes": args.nodes,
         "rounds": args.rounds,
         "superlink_db": args.superlink_db,
+        "flower_transfer": args.flower_transfer,
         "object_store": args.object_store,
         "transfer_concurrency": args.transfer_concurrency or int(
             TRANSFER_CONCURRENCY_ENV["FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS"]),

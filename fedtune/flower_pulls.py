@@ -16,6 +16,9 @@ fails no sooner than before.
 
 from __future__ import annotations
 
+import os
+
+RETRY_ENV = "FEDTUNE_PULL_RETRY"  # "flower": keep Flower's backoff (bench.federation --flower-transfer)
 INITIAL_BACKOFF_S = 0.05
 BACKOFF_CAP_S = 0.25
 PULL_SETTINGS = {"initial_backoff", "backoff_cap", "max_tries_per_object"}
@@ -24,6 +27,8 @@ PULL_SETTINGS = {"initial_backoff", "backoff_cap", "max_tries_per_object"}
 def retry_pulls_sooner() -> None:
     """Set the pull defaults of this process's Flower (every caller uses them: the SuperNode's download,
     the ClientApp's pull from its SuperNode, the ServerApp's pull of replies). Idempotent."""
+    if os.environ.get(RETRY_ENV, "").strip().lower() == "flower":
+        return
     from flwr.supercore.inflatable import inflatable_utils
 
     for pull in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
