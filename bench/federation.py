@@ -4,7 +4,7 @@ authentication, N SuperNodes with warm trainers, and `flwr run` of R rounds — 
     python -m bench.federation --work DIR [--tiny] [--nodes 2] [--rounds 2]
         [--runs reference:packed,reference:per-tensor,fast:packed,...] [--transport packed|per-tensor]
         [--superlink-db file|sqlite-memory|flwr-memory] [--object-store memory|database]
-        [--transfer-concurrency N] [--cold-clientapp] [--steps N] [--json PATH]
+        [--transfer-concurrency N] [--cold-clientapp] [--cold-serverapp] [--steps N] [--json PATH]
 
 DIR holds `python -m bench.supernode_round prepare` output (built here if missing: the InternLM3-8B-shaped
 random model on a GPU, `--tiny` the 2-layer one for a CPU). Every run of `--runs` (profile:transport; a
@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--cold-clientapp", action="store_true",
         help="SuperNodes start a fresh flwr-clientapp per message, as Flower does (default: prestarted)",
     )
+    parser.add_argument(
+        "--cold-serverapp", action="store_true",
+        help="the SuperLink starts each run's flwr-serverapp when the run comes, as Flower does "
+        "(default: prestarted)",
+    )
     parser.add_argument("--run-timeout", type=float, default=3600.0)
     parser.add_argument("--json", type=Path, default=None)
     return parser
@@ -163,7 +168,8 @@ def start_federation(
     try:
         database = DATABASES[args.superlink_db]
         db = ["--database", database] if database else []
-        fed.start_superlink([*db, "--object-store", args.object_store])
+        fed.start_superlink([*db, "--object-store", args.object_store,
+                             *(["--cold-serverapp"] if args.cold_serverapp else [])])
         preload = fed_dir / "preload.toml"
         write_toml(preload, run_config(work, first[0], first[1], args))
         for i in range(args.nodes):
@@ -209,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         "transfer_concurrency": args.transfer_concurrency or int(
             TRANSFER_CONCURRENCY_ENV["FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS"]),
         "clientapp": "cold" if args.cold_clientapp else "prestarted",
+        "serverapp": "cold" if args.cold_serverapp else "prestarted",
         "runs": [],
     }
     print(f"machine: {payload['machine']}", flush=True)
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{payload['preload_seconds']:.1f} s later (db: {args.superlink_db}, "
             f"objects: {args.object_store}, "
             f"transfer concurrency: {payload['transfer_concurrency']}, "
-            f"ClientApp: {payload['clientapp']})",
+            f"ClientApp: {payload['clientapp']}, ServerApp: {payload['serverapp']})",
             flush=True,
         )
         for profile, transport, rounds in specs:

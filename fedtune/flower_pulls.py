@@ -4,7 +4,7 @@ Flower lists a message before all its objects are there: a SuperNode stores a me
 hands the ClientApp its task, and only then downloads the chunks (putting them in its store when the last
 one has arrived); the SuperLink lists a reply as soon as the SuperNode starts uploading it. A pull of an
 object not there yet waits 1 s, 2 s, 4 s … up to 10 s (`flwr.supercore.constant.PULL_INITIAL_BACKOFF`,
-`PULL_BACKOFF_CAP`), so a ClientApp that is ready early (supernode.prestart) or a ServerApp that polls for
+`PULL_BACKOFF_CAP`), so a ClientApp that is ready early (fedtune.prestart) or a ServerApp that polls for
 replies finds a 77 MB adapter up to ~2 s after it arrived, every round (bench/federation.py, "SuperNode
 received → ClientApp started"). Retrying from 50 ms, doubling to at most 250 ms, bounds that wait to a
 quarter second, for a few more small requests to the local SuperNode or SuperLink while a transfer runs.

@@ -1,4 +1,5 @@
-"""`flower-superlink` with a longer SQLite busy timeout and message objects kept in memory.
+"""`flower-superlink` with a longer SQLite busy timeout, message objects kept in memory and each run's
+ServerApp process started ahead.
 
 Flower 1.42 keeps the SuperLink state in SQLite with a 5 s busy timeout. On a loaded host, concurrent
 pushes of multi-megabyte adapters can hold the write lock longer than that; the SuperLink then answers 500
@@ -10,7 +11,11 @@ messages per node and round for the 8B reference) into that file and reads it ba
 runs in flight only, and a run in flight does not survive a SuperLink restart (it ends `finished:failed`;
 resuming starts a new run from the ServerApp's checkpoint), so nothing is lost by keeping them in memory:
 FEDTUNE_OBJECT_STORE=memory (the default) uses Flower's in-memory object store beside the SQLite state —
-runs, node keys and logs stay in the file. `database` keeps Flower's behaviour. Everything else is Flower's
+runs, node keys and logs stay in the file. `database` keeps Flower's behaviour.
+
+The SuperLink starts its SuperExec as `flower-superexec`; we start `fedtune.prestart flwr-serverapp`
+instead (the same CLI, with the next run's ServerApp process started and its imports done before the run
+is submitted: 15-21 s on an H200 host) unless FEDTUNE_SERVERAPP_PRESTART=0. Everything else is Flower's
 own CLI.
 """
 
@@ -23,6 +28,7 @@ from typing import Any, cast
 DEFAULT_BUSY_TIMEOUT_MS = 60_000
 OBJECT_STORE_ENV = "FEDTUNE_OBJECT_STORE"
 OBJECT_STORES = ("memory", "database")
+PRESTART_ENV = "FEDTUNE_SERVERAPP_PRESTART"
 
 
 def object_store() -> str:
@@ -43,10 +49,14 @@ def keep_objects_in_memory() -> None:
 
 
 def main() -> None:
+    import importlib
+
     import flwr.supercore.sql_mixin as sql_mixin
     from flwr.superlink.cli import flower_superlink
 
     from fedtune.logs import run_with_logging
+    from fedtune.prestart import prestarting_subprocess
+    from fedtune.runtime_env import env_tristate
 
     timeout_ms = int(os.environ.get("FEDTUNE_SQLITE_BUSY_TIMEOUT_MS", DEFAULT_BUSY_TIMEOUT_MS))
     # read per connection by sql_mixin._set_sqlite_pragmas, so replacing the module global suffices
@@ -56,6 +66,10 @@ def main() -> None:
     )
     if object_store() == "memory":
         keep_objects_in_memory()
+    if env_tristate(PRESTART_ENV) is not False:  # on unless set to 0/false
+        # the module, not the function of the same name its package exports
+        superlink_cli: Any = importlib.import_module("flwr.superlink.cli.flower_superlink")
+        superlink_cli.subprocess = prestarting_subprocess("flwr-serverapp")
     run_with_logging(flower_superlink, ["flower-superlink", *sys.argv[1:]])
 
 

@@ -15,7 +15,7 @@ plain HTTP on --host:--port directly, every API exposed.
 Every flag also reads an environment variable (container and chart friendly):
 FEDTUNE_CERTS_DIR, FEDTUNE_DATABASE, FEDTUNE_OBJECT_STORE, FEDTUNE_HOST, FEDTUNE_PORT, FEDTUNE_INTERNAL_PORT,
 FEDTUNE_HEALTH_PORT, FEDTUNE_PROXY (1/0), FEDTUNE_PROXY_DIR, FEDTUNE_SUPERNODE_AUTH (1/0),
-FEDTUNE_INSECURE (1/0).
+FEDTUNE_INSECURE (1/0), FEDTUNE_SERVERAPP_PRESTART (0 = --cold-serverapp).
 
 SuperNode authentication is ON by default over TLS: only SuperNodes whose public keys were registered
 (`fedtune-keys generate` + `fedtune-keys register`, see fedtune/auth.py) may join. Turn it off explicitly
@@ -47,7 +47,7 @@ from fedtune.preflight import OneLineParser, env_port, port_arg, port_or_zero_ar
 from fedtune.process import adopt_orphans, die_with_parent, our_children
 from fedtune.runtime_env import env_flag, env_tristate, find_executable, flwr_env, passthrough
 from superlink import proxy
-from superlink.flower_entry import OBJECT_STORE_ENV, OBJECT_STORES
+from superlink.flower_entry import OBJECT_STORE_ENV, OBJECT_STORES, PRESTART_ENV
 
 log = logging.getLogger("fedtune.superlink")
 proxy_log = logging.getLogger("fedtune.proxy")
@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--object-store", choices=OBJECT_STORES, default=env(OBJECT_STORE_ENV, OBJECT_STORES[0]),
         help="where message objects (adapter chunks of runs in flight) live: memory (default; runs, node "
         "keys and logs stay in --database) or database (Flower's default: every chunk written to the file)",
+    )
+    parser.add_argument(
+        "--cold-serverapp", action="store_true", default=env_tristate(PRESTART_ENV) is False,
+        help="start each run's ServerApp process when the run comes, as Flower does (default: one waits, "
+        "its imports done; FEDTUNE_SERVERAPP_PRESTART=0)",
     )
     parser.add_argument(
         "--host", default=env("FEDTUNE_HOST", "0.0.0.0"), help="public bind address (the proxy's)"
@@ -335,9 +340,11 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
     try:
         # Flower's own CLI, run through superlink.flower_entry (longer SQLite busy timeout, --object-store,
         # our log pipeline).
+        settings = {OBJECT_STORE_ENV: args.object_store, PRESTART_ENV: "0" if args.cold_serverapp else "1"}
         superlink = subprocess.Popen(
             [sys.executable, "-m", "superlink.flower_entry", *cmd[1:]],
-            env=flwr_env(**{OBJECT_STORE_ENV: args.object_store}), stdin=subprocess.DEVNULL,
+            env=flwr_env(**settings),
+            stdin=subprocess.DEVNULL,
             preexec_fn=with_parent,
         )
         children[superlink.pid] = "SuperLink"

@@ -7,19 +7,18 @@ to 3 s) before the node even starts to download it, and the reply up to 0.5 s be
 HTTPS request per second per idle node) and check for the reply every 0.1 s (an in-memory lookup). Object
 pulls retry within 0.25 s (fedtune.flower_pulls).
 
-The SuperNode starts its SuperExec as `flower-superexec`; we start `supernode.prestart` instead (the same
-CLI, with a ClientApp process started before each message) unless FEDTUNE_CLIENTAPP_PRESTART=0.
+The SuperNode starts its SuperExec as `flower-superexec`; we start `fedtune.prestart flwr-clientapp`
+instead (the same CLI, with a ClientApp process started before each message) unless
+FEDTUNE_CLIENTAPP_PRESTART=0.
 Everything else is Flower's own CLI.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
-from typing import Any
 
 POLL_ENV = "FEDTUNE_SUPERNODE_POLL_SECONDS"
 DEFAULT_POLL_S = 1.0
@@ -44,21 +43,6 @@ def patched_clock(poll: float) -> SimpleNamespace:
     return clock
 
 
-def prestarting_subprocess() -> SimpleNamespace:
-    """The `subprocess` module as start_client_internal sees it: `flower-superexec` becomes
-    `python -m supernode.prestart` with the same arguments, every other command is left alone."""
-
-    def popen(command: Any, *args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
-        if isinstance(command, list) and command[:1] == ["flower-superexec"]:
-            command = [sys.executable, "-m", "supernode.prestart", *command[1:]]
-        return subprocess.Popen(command, *args, **kwargs)
-
-    module = SimpleNamespace(**{name: getattr(subprocess, name) for name in dir(subprocess)
-                                if not name.startswith("__")})
-    module.Popen = popen
-    return module
-
-
 def poll_seconds() -> float:
     raw = os.environ.get(POLL_ENV, "").strip()
     try:
@@ -76,12 +60,13 @@ def main() -> None:
 
     from fedtune.flower_pulls import retry_pulls_sooner
     from fedtune.logs import run_with_logging
+    from fedtune.prestart import prestarting_subprocess
     from fedtune.runtime_env import env_tristate
 
     internal.time = patched_clock(poll_seconds())  # type: ignore[assignment]
     retry_pulls_sooner()  # a message is listed before the ServerApp has pushed all its chunks
     if env_tristate(PRESTART_ENV) is not False:  # on unless set to 0/false
-        internal.subprocess = prestarting_subprocess()  # type: ignore[assignment]
+        internal.subprocess = prestarting_subprocess("flwr-clientapp")  # type: ignore[assignment]
     run_with_logging(flower_supernode, ["flower-supernode", *sys.argv[1:]])
 
 

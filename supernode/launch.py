@@ -8,7 +8,7 @@ FEDTUNE_NUM_PARTITIONS, FEDTUNE_DATA_PATH, FEDTUNE_CLIENTAPP_PORT, FEDTUNE_AUTH_
 FEDTUNE_WARM_TRAINER (1/0), FEDTUNE_TRAINER_SOCKET, FEDTUNE_WARM_TRAINER_PRELOAD, FEDTUNE_COMPILE_CACHE_DIR,
 FEDTUNE_CLIENTAPP_PRESTART (0 = --cold-clientapp).
 With --warm-trainer the SuperNode starts only once its warm trainer answers (supernode/warm_trainer.py).
-Each message's ClientApp process is started ahead, while the node waits (supernode/prestart.py).
+Each message's ClientApp process is started ahead, while the node waits (fedtune/prestart.py).
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def test_every_round_has_its_timeline(finished_run):
 
 
 def test_every_message_ran_in_a_prestarted_clientapp(finished_run, federation):
-    """supernode/prestart.py: each round's ClientApp was started ahead (its log line says so), none cold
+    """fedtune/prestart.py: each round's ClientApp was started ahead (its log line says so), none cold
     (Flower's `flwr-clientapp` CLI logs "Start `flwr-clientapp` process"), and each SuperNode has its next
     worker waiting — a child of the node's SuperExec — once the run is over."""
     assert finished_run[1]["status"] == "finished:completed"
@@ -117,9 +117,25 @@ def test_every_message_ran_in_a_prestarted_clientapp(finished_run, federation):
         assert clientapps_started([node]) == ROUNDS, log_text[-3000:]  # one start a round, each logged once
         assert "Start `flwr-clientapp` process" not in log_text  # none cold
         assert log_text.count("Start prestarted `flwr-clientapp` process") >= ROUNDS
-        superexecs = descendants(node.process.pid, "supernode.prestart")
+        superexecs = descendants(node.process.pid, "fedtune.prestart flwr-clientapp")
         assert len(superexecs) == 1, node.name
-        assert len(descendants(superexecs[0], "supernode.clientapp_worker")) == 1, node.name
+        assert len(descendants(superexecs[0], "fedtune.prestart_worker flwr-clientapp")) == 1, node.name
+
+
+def test_the_run_ran_in_a_prestarted_serverapp(finished_run, federation):
+    """fedtune/prestart.py on the SuperLink: the run's ServerApp was a worker started (torch imported)
+    before the run was submitted, not Flower's cold `flwr-serverapp` (a ServerApp's output goes to
+    `flwr log` only, as Flower has it), and the next run's worker is waiting."""
+    run_id, info, _, _ = finished_run
+    assert info["status"] == "finished:completed"
+    assert federation.superlink is not None
+    done = federation.flwr("log", str(run_id), "fedtune-local", "--show")
+    run_log = done.stdout + done.stderr
+    assert "Start prestarted `flwr-serverapp` process" in run_log, run_log[-2000:]
+    assert "Start `flwr-serverapp` process" not in run_log  # not cold
+    superexecs = descendants(federation.superlink.process.pid, "fedtune.prestart flwr-serverapp")
+    assert len(superexecs) == 1
+    assert len(descendants(superexecs[0], "fedtune.prestart_worker flwr-serverapp")) == 1
 
 
 def test_supernode_with_another_ca_cannot_join(federation, tmp_path):

@@ -57,7 +57,7 @@ def descendants(pid: int, marker: str) -> list[int]:
 
 
 # A ClientApp task starting on a SuperNode, in its log: a prestarted worker taking its token
-# (supernode/prestart.py) or, started cold, Flower's `flwr-clientapp`. An idle prestarted worker is always
+# (fedtune/prestart.py) or, started cold, Flower's `flwr-clientapp`. An idle prestarted worker is always
 # there, so a process alone does not say that a message is being worked on.
 CLIENTAPP_START_LINES = ("Start prestarted `flwr-clientapp` process", "Start `flwr-clientapp` process")
 

@@ -1,6 +1,6 @@
-"""The prestarting SuperExec executor (supernode/prestart.py) with real worker processes and Flower's own
+"""The prestarting SuperExec executor (fedtune/prestart.py) with real worker processes and Flower's own
 ExecutionSpec and SubprocessExecutor. The handover inside a real federation is checked end to end in
-tests/e2e/test_federation.py (every round's ClientApp was a prestarted one)."""
+tests/e2e/test_federation.py (every round's ClientApp and the run's ServerApp were prestarted ones)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ from pathlib import Path
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, SubprocessExecutor
 
-from supernode.flower_entry import prestarting_subprocess
-from supernode.prestart import PrestartedClientAppExecutor, WorkerSettings
+from fedtune.prestart import PrestartingExecutor, WorkerSettings, prestarting_subprocess
 from tests.host import processes_mentioning
 
 ADDRESS = "127.0.0.1:1"  # nothing listens: a task handed to a worker here fails, which these tests never do
 
 
 def settings(**overrides: object) -> WorkerSettings:
-    values: dict[str, object] = {"runtime_api_address": ADDRESS, "insecure": True, "root_certificates_path": None,
+    values: dict[str, object] = {"task_type": "flwr-clientapp", "suppress_output": False,
+                                 "runtime_api_address": ADDRESS, "insecure": True, "root_certificates_path": None,
                                  "runtime_dependency_install": False, "parent_pid": os.getpid()}
     values.update(overrides)
     return WorkerSettings(**values)  # type: ignore[arg-type]
@@ -50,6 +50,9 @@ def test_only_clientapp_tasks_with_the_workers_own_settings_are_handed_over():
     worker = settings()
     assert worker.matches(spec())
     assert not worker.matches(spec(task_type=TaskType.SERVER_APP))
+    serverapps = settings(task_type="flwr-serverapp", suppress_output=True)
+    assert serverapps.matches(spec(task_type=TaskType.SERVER_APP, suppress_output=True))
+    assert not serverapps.matches(spec()) and not serverapps.matches(spec(task_type=TaskType.SERVER_APP))
     assert not worker.matches(spec(suppress_output=True))
     assert not worker.matches(spec(runtime_api_address="127.0.0.1:2"))
     assert not worker.matches(spec(insecure=False, root_certificates_path="/ca.crt"))
@@ -60,11 +63,11 @@ def test_worker_command_carries_the_tls_choice():
     assert "--insecure" in settings().command()
     secure = settings(insecure=False, root_certificates_path="/etc/ca.crt").command()
     assert secure[secure.index("--root-certificates") + 1] == "/etc/ca.crt" and "--insecure" not in secure
-    assert secure[:3] == [sys.executable, "-m", "supernode.clientapp_worker"]
+    assert secure[:4] == [sys.executable, "-m", "fedtune.prestart_worker", "flwr-clientapp"]
 
 
 def test_an_idle_worker_waits_and_exits_cleanly_when_closed():
-    executor = PrestartedClientAppExecutor(settings(), SubprocessExecutor())
+    executor = PrestartingExecutor(settings(), SubprocessExecutor())
     assert executor.idle is not None
     process = executor.idle.process
     time.sleep(1.0)
@@ -76,7 +79,7 @@ def test_an_idle_worker_waits_and_exits_cleanly_when_closed():
 def test_a_dead_worker_is_replaced_and_its_task_started_cold(monkeypatch):
     # Flower's cold start runs `flwr-clientapp` from PATH, as the SuperNode's environment has it
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    executor = PrestartedClientAppExecutor(settings(), SubprocessExecutor())
+    executor = PrestartingExecutor(settings(), SubprocessExecutor())
     try:
         assert executor.idle is not None
         first = executor.idle.process
@@ -98,7 +101,7 @@ def test_a_dead_worker_is_replaced_and_its_task_started_cold(monkeypatch):
 
 def test_workers_that_die_at_start_stop_the_prestarting():
     broken = settings(parent_pid=1)  # not its parent: each worker stops within its 2 s parent check
-    executor = PrestartedClientAppExecutor(broken, SubprocessExecutor())
+    executor = PrestartingExecutor(broken, SubprocessExecutor())
     try:
         for _ in range(5):
             assert executor.idle is None or wait_until(lambda: executor.idle.process.poll() is not None)
@@ -108,8 +111,37 @@ def test_workers_that_die_at_start_stop_the_prestarting():
         executor.close()
 
 
-def test_the_supernodes_superexec_becomes_the_prestarting_one():
-    module = prestarting_subprocess()
+def test_a_serverapp_worker_imports_torch_ahead_and_exits_cleanly_when_closed():
+    executor = PrestartingExecutor(settings(task_type="flwr-serverapp", suppress_output=True), SubprocessExecutor())
+    try:
+        assert executor.idle is not None
+        process = executor.idle.process
+        # imports done, it blocks reading its token from stdin, torch loaded
+        assert wait_until(lambda: reading_stdin(process.pid), timeout=120), "the worker never got ready"
+        assert "torch" in maps_of(process.pid), "torch not imported ahead"
+    finally:
+        executor.close()
+    assert process.returncode == 0
+
+
+def reading_stdin(pid: int) -> bool:
+    """Blocked in read(0, …): /proc/PID/syscall is "NR fd …" (read is 0 on x86-64, 63 on arm64)."""
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return len(fields) > 1 and fields[0] in ("0", "63") and fields[1] == "0x0"
+
+
+def maps_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return ""
+
+
+def test_the_superexec_becomes_the_prestarting_one():
+    module = prestarting_subprocess("flwr-clientapp")
     done = module.Popen(["flower-superexec", "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                         env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
     output, _ = done.communicate(timeout=60)
