@@ -11,8 +11,8 @@ imports overlap training or idle time. Everything else is Flower's: the SuperExe
 `run_clientapp` / `run_serverapp`, the Runtime API. A task the worker cannot take (another task type,
 other TLS settings, hidden output, a worker that died) is started cold, as Flower does.
 
-`python -m fedtune.prestart TASK ARGS` is `flower-superexec ARGS` with this executor for TASK
-(`flwr-clientapp` or `flwr-serverapp`) under the local (subprocess) executor type; each role's
+`python -m fedtune.prestart clientapp|serverapp ARGS` is `flower-superexec ARGS` with this executor for
+`flwr-clientapp` or `flwr-serverapp` tasks under the local (subprocess) executor type; each role's
 `flower_entry` starts it in place of `flower-superexec` (`prestarting_subprocess`).
 """
 
@@ -34,6 +34,9 @@ MODULE = "fedtune.prestart"
 WORKER_MODULE = "fedtune.prestart_worker"
 # flwr.supercore.constant.TaskType values: the app CLI each task would start cold, and what it is called
 TASKS = {"flwr-clientapp": "ClientApp", "flwr-serverapp": "ServerApp"}
+# The SuperExec's own argument: not the task type itself, so `pgrep -f flwr-serverapp` (or a test's kill)
+# finds the app processes, running or waiting, and never the SuperExec that starts them.
+ROLES = {"clientapp": "flwr-clientapp", "serverapp": "flwr-serverapp"}
 # A worker that dies this soon after its start is broken (e.g. an import fails): stop prestarting after
 # MAX_QUICK_DEATHS of those in a row and start every task cold, so a broken install cannot spin.
 QUICK_DEATH_S = 10.0
@@ -188,7 +191,8 @@ def prestarting_subprocess(task_type: str) -> SimpleNamespace:
 
     def popen(command: Any, *args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
         if isinstance(command, list) and command[:1] == ["flower-superexec"]:
-            command = [sys.executable, "-m", MODULE, task_type, *command[1:]]
+            role = next(name for name, task in ROLES.items() if task == task_type)
+            command = [sys.executable, "-m", MODULE, role, *command[1:]]
         return subprocess.Popen(command, *args, **kwargs)
 
     module = SimpleNamespace(**{name: getattr(subprocess, name) for name in dir(subprocess)
@@ -210,9 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     loop: Any = importlib.import_module("flwr.supercore.superexec.run_superexec")
     flower_get_executor, flower_run = loop.get_executor, loop.run_superexec
     args = list(argv if argv is not None else sys.argv[1:])
-    if not args or args[0] not in TASKS:
-        raise SystemExit(f"usage: python -m {MODULE} {{{','.join(TASKS)}}} FLOWER_SUPEREXEC_ARGS...")
-    task_type, flower_args = args[0], args[1:]
+    if not args or args[0] not in ROLES:
+        raise SystemExit(f"usage: python -m {MODULE} {{{','.join(ROLES)}}} FLOWER_SUPEREXEC_ARGS...")
+    task_type, flower_args = ROLES[args[0]], args[1:]
 
     def run(**kwargs: Any) -> None:
         def get_executor(executor_type: Any, *args: Any, **options: Any) -> Any:

@@ -13,7 +13,7 @@ resuming starts a new run from the ServerApp's checkpoint), so nothing is lost b
 FEDTUNE_OBJECT_STORE=memory (the default) uses Flower's in-memory object store beside the SQLite state —
 runs, node keys and logs stay in the file. `database` keeps Flower's behaviour.
 
-The SuperLink starts its SuperExec as `flower-superexec`; we start `fedtune.prestart flwr-serverapp`
+The SuperLink starts its SuperExec as `flower-superexec`; we start `fedtune.prestart serverapp`
 instead (the same CLI, with the next run's ServerApp process started and its imports done before the run
 is submitted: 15-21 s on an H200 host) unless FEDTUNE_SERVERAPP_PRESTART=0. Everything else is Flower's
 own CLI.

@@ -7,7 +7,7 @@ to 3 s) before the node even starts to download it, and the reply up to 0.5 s be
 HTTPS request per second per idle node) and check for the reply every 0.1 s (an in-memory lookup). Object
 pulls retry within 0.25 s (fedtune.flower_pulls).
 
-The SuperNode starts its SuperExec as `flower-superexec`; we start `fedtune.prestart flwr-clientapp`
+The SuperNode starts its SuperExec as `flower-superexec`; we start `fedtune.prestart clientapp`
 instead (the same CLI, with a ClientApp process started before each message) unless
 FEDTUNE_CLIENTAPP_PRESTART=0.
 Everything else is Flower's own CLI.

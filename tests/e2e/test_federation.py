@@ -117,7 +117,7 @@ def test_every_message_ran_in_a_prestarted_clientapp(finished_run, federation):
         assert clientapps_started([node]) == ROUNDS, log_text[-3000:]  # one start a round, each logged once
         assert "Start `flwr-clientapp` process" not in log_text  # none cold
         assert log_text.count("Start prestarted `flwr-clientapp` process") >= ROUNDS
-        superexecs = descendants(node.process.pid, "fedtune.prestart flwr-clientapp")
+        superexecs = descendants(node.process.pid, "fedtune.prestart clientapp")
         assert len(superexecs) == 1, node.name
         assert len(descendants(superexecs[0], "fedtune.prestart_worker flwr-clientapp")) == 1, node.name
 
@@ -133,7 +133,7 @@ def test_the_run_ran_in_a_prestarted_serverapp(finished_run, federation):
     run_log = done.stdout + done.stderr
     assert "Start prestarted `flwr-serverapp` process" in run_log, run_log[-2000:]
     assert "Start `flwr-serverapp` process" not in run_log  # not cold
-    superexecs = descendants(federation.superlink.process.pid, "fedtune.prestart flwr-serverapp")
+    superexecs = descendants(federation.superlink.process.pid, "fedtune.prestart serverapp")
     assert len(superexecs) == 1
     assert len(descendants(superexecs[0], "fedtune.prestart_worker flwr-serverapp")) == 1
 

@@ -148,3 +148,6 @@ def test_the_superexec_becomes_the_prestarting_one():
     assert done.returncode == 0, output
     assert b"--runtime-api-address" in output  # Flower's own SuperExec CLI
     assert module.run is subprocess.run  # everything else is the subprocess module
+    # `pgrep -f flwr-clientapp` (a test's kill) finds app processes, never the SuperExec that starts them
+    assert done.args[:4] == [sys.executable, "-m", "fedtune.prestart", "clientapp"]
+    assert "flwr-clientapp" not in " ".join(done.args)
