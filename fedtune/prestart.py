@@ -34,9 +34,9 @@ MODULE = "fedtune.prestart"
 WORKER_MODULE = "fedtune.prestart_worker"
 # flwr.supercore.constant.TaskType values: the app CLI each task would start cold, and what it is called
 TASKS = {"flwr-clientapp": "ClientApp", "flwr-serverapp": "ServerApp"}
-# The SuperExec's own argument: not the task type itself, so `pgrep -f flwr-serverapp` (or a test's kill)
-# finds the app processes, running or waiting, and never the SuperExec that starts them.
-ROLES = {"clientapp": "flwr-clientapp", "serverapp": "flwr-serverapp"}
+# The SuperExec's own argument is the task type without "flwr-", so `pgrep -f flwr-serverapp` (or a test's
+# kill) finds the app processes, running or waiting, and never the SuperExec that starts them.
+ROLES = {task.removeprefix("flwr-"): task for task in TASKS}
 # A worker that dies this soon after its start is broken (e.g. an import fails): stop prestarting after
 # MAX_QUICK_DEATHS of those in a row and start every task cold, so a broken install cannot spin.
 QUICK_DEATH_S = 10.0
@@ -191,8 +191,7 @@ def prestarting_subprocess(task_type: str) -> SimpleNamespace:
 
     def popen(command: Any, *args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
         if isinstance(command, list) and command[:1] == ["flower-superexec"]:
-            role = next(name for name, task in ROLES.items() if task == task_type)
-            command = [sys.executable, "-m", MODULE, role, *command[1:]]
+            command = [sys.executable, "-m", MODULE, task_type.removeprefix("flwr-"), *command[1:]]
         return subprocess.Popen(command, *args, **kwargs)
 
     module = SimpleNamespace(**{name: getattr(subprocess, name) for name in dir(subprocess)
