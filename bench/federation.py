@@ -45,6 +45,7 @@ from fedtune.federation import LocalFederation
 from fedtune.flower_pulls import RETRY_ENV as PULL_RETRY_ENV
 from fedtune.runtime_env import TRANSFER_CONCURRENCY_ENV, silence_flwr
 from fedtune.toml_io import write as write_toml
+from superlink.flower_entry import OBJECT_STORES
 
 # --superlink-db: what LocalFederation's SuperLink gets as --database (None: its SQLite file)
 DATABASES = {"file": None, "sqlite-memory": ":memory:", "flwr-memory": ":flwr-in-memory:"}
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="SuperLink state: SQLite file (the default), SQLite :memory:, or Flower's in-memory state",
     )
     parser.add_argument(
-        "--object-store", choices=["memory", "database"], default="memory",
+        "--object-store", choices=OBJECT_STORES, default=OBJECT_STORES[0],
         help="the SuperLink's message objects: in memory (fedtune's default) or in its database (Flower's)",
     )
     parser.add_argument(
