@@ -135,7 +135,13 @@ def test_the_run_ran_in_a_prestarted_serverapp(finished_run, federation):
     assert "Start `flwr-serverapp` process" not in run_log  # not cold
     superexecs = descendants(federation.superlink.process.pid, "fedtune.prestart serverapp")
     assert len(superexecs) == 1
-    assert len(descendants(superexecs[0], "fedtune.prestart_worker flwr-serverapp")) == 1
+    # the run's own ServerApp process may still be exiting when the run reads finished: wait it out
+    workers = descendants(superexecs[0], "fedtune.prestart_worker flwr-serverapp")
+    deadline = time.monotonic() + 60
+    while len(workers) > 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        workers = descendants(superexecs[0], "fedtune.prestart_worker flwr-serverapp")
+    assert len(workers) == 1, workers  # the next run's, waiting
 
 
 def test_supernode_with_another_ca_cannot_join(federation, tmp_path):
