@@ -62,6 +62,19 @@ def machine() -> str:
     return f"{gpu or 'no GPU'} | {os.cpu_count()} CPUs | {platform.platform()}"
 
 
+def http_stack() -> str:
+    """The event loop and HTTP parser uvicorn picks for Flower's servers (loop and http "auto"): uvloop and
+    httptools come with `pip install flwr` (uvicorn[standard]); an install without them (a bare image) is
+    slower on every hop through the SuperLink and the SuperNode, so each result says which it measured."""
+    import uvicorn
+    from uvicorn.loops.auto import auto_loop_factory
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    loop = "uvloop" if "uvloop" in auto_loop_factory(use_subprocess=False).__module__ else "asyncio"
+    parser = "httptools" if "httptools" in AutoHTTPProtocol.__module__ else "h11"
+    return f"uvicorn {uvicorn.__version__} on {loop} + {parser}"
+
+
 def ensure_prepared(work: Path, shape: str | None) -> None:
     if (work / "shape.json").is_file():
         return
@@ -207,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     fed_dir = work / f"federation-{time.strftime('%Y%m%d-%H%M%S')}"
     payload: dict[str, Any] = {
         "machine": machine(),
+        "http_stack": http_stack(),
         "command": "python -m bench.federation " + " ".join(argv if argv is not None else sys.argv[1:]),
         "nodes": args.nodes,
         "rounds": args.rounds,
@@ -219,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         "serverapp": "cold" if args.cold_serverapp else "prestarted",
         "runs": [],
     }
-    print(f"machine: {payload['machine']}", flush=True)
+    print(f"machine: {payload['machine']} | {payload['http_stack']}", flush=True)
     started = time.monotonic()
     with start_federation(fed_dir, work, args, specs[0][:2]) as (fed, sockets):
         payload["superlink_and_nodes_up_seconds"] = time.monotonic() - started
@@ -240,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
             if args.json:
                 args.json.write_text(json.dumps(payload, indent=1))
     print_comparison(payload["runs"])
-    print(f"\nmachine: {payload['machine']}\ncommand: {payload['command']}")
+    print(f"\nmachine: {payload['machine']} | {payload['http_stack']}\ncommand: {payload['command']}")
     if args.json:
         args.json.write_text(json.dumps(payload, indent=1))
     return payload

@@ -38,6 +38,8 @@ print("python", platform.python_version(), "| torch", torch.__version__, "cuda",
       bitsandbytes.__version__, "| trl", trl.__version__, "| datasets", datasets.__version__, "| flwr",
       flwr.__version__)
 print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+from bench.federation import http_stack
+print("http", http_stack())  # uvloop + httptools, as `pip install flwr` brings them (uvicorn[standard])
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$RESULTS/versions.txt"
 if [ ! -f "$WORK/shape.json" ]; then
@@ -65,6 +67,12 @@ PY
     python3 -c "import flwr, bitsandbytes, trl; print('imports ok')" && command -v flower-superlink flwr nginx
     ;;
   federation)  # FED_RUNS="reference:packed,reference:per-tensor,fast:packed,fast:per-tensor", FED_ROUNDS=2
+    # FED_HTTP=bare: uvicorn without uvloop and httptools (asyncio + h11), as in an image that lacks them
+    if [ "${FED_HTTP:-}" = bare ]; then
+      mkdir -p /tmp/bare-http/uvloop /tmp/bare-http/httptools
+      for m in uvloop httptools; do echo 'raise ImportError("FED_HTTP=bare")' > /tmp/bare-http/$m/__init__.py; done
+      export PYTHONPATH=/tmp/bare-http:$PYTHONPATH
+    fi
     python3 -m bench.federation --work "$WORK" --nodes "${FED_NODES:-2}" --rounds "${FED_ROUNDS:-2}" \
       --runs "${FED_RUNS:-reference:per-tensor,reference:packed}" --json "$RESULTS/federation${FED_TAG:-}.json" \
       ${FED_ARGS:-} 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]" | tee "$RESULTS/federation${FED_TAG:-}.txt"

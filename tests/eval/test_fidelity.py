@@ -91,6 +91,8 @@ def test_fast_profile_chooses_nf4_bf16():
     with open(ROOT / "profiles" / "fast.toml", "rb") as handle:
         fast = tomllib.load(handle)
     assert (fast["model"]["quant-type"], fast["model"]["compute-dtype"]) == ("nf4", "bfloat16")
+    # bf16 on the wire only because LoRA trains in bf16 here (lossless: tests/perf/test_padding_free.py)
+    assert fast["model"]["transport-dtype"] == fast["model"]["compute-dtype"]
 
 
 @pytest.mark.parametrize(

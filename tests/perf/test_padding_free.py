@@ -116,3 +116,44 @@ def test_padding_free_keeps_samples_apart(setup):
             count += ids.shape[1] - 1
     model.train()
     assert joint.loss.item() == pytest.approx(total / count, rel=1e-3)
+
+
+def test_bf16_transport_is_lossless_when_lora_trains_in_bf16(setup):
+    """profiles/fast.toml sends its adapter as bf16 bits (`model.transport-dtype`). With bf16 compute trl
+    trains the LoRA weights in bf16, so that changes nothing: the trained update is exactly representable
+    (uplink), and a global rounded to bf16 by the server trains the same round as the float32 global the
+    node would round itself (downlink). With float32 compute (the reference) bf16 would lose bits: the
+    reference keeps float32."""
+    from collections import OrderedDict
+
+    import torch
+
+    from clientapp.trainer import train_one_round
+    from fedtune.model import adapter_state, arrays_to_state, load_adapter_state, state_to_arrays
+
+    cfg, tokenizer, model, trainset, initial = setup
+
+    def train_from(state):
+        load_adapter_state(model, state)
+        outcome = train_one_round(model, tokenizer, trainset, cfg.train, 3e-3, "cpu", True)
+        return outcome.loss_history, adapter_state(model)
+
+    def via_bf16(state):
+        return arrays_to_state(state_to_arrays(state, "bfloat16"))
+
+    gen = torch.Generator().manual_seed(1)
+    # a global no bf16 can hold exactly, as the server's float32 average of two nodes' updates is
+    global_fp32 = OrderedDict(
+        (k, v + 1e-3 * torch.randn(v.shape, generator=gen) + 1e-7) for k, v in initial.items()
+    )
+    assert any(not torch.equal(via_bf16(global_fp32)[k], v) for k, v in global_fp32.items())
+    losses, trained = train_from(global_fp32)
+    uplink_exact = all(torch.equal(via_bf16(trained)[k], v) for k, v in trained.items())
+    if cfg.model.compute_dtype == "bfloat16":
+        assert uplink_exact
+        losses_bf16, trained_bf16 = train_from(via_bf16(global_fp32))
+        assert losses_bf16 == losses
+        for key, value in trained.items():
+            assert torch.equal(trained_bf16[key], value), key
+    else:
+        assert not uplink_exact
