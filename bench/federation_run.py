@@ -16,19 +16,10 @@ from bench.federation_timeline import round_figures, run_summary, supernode_stam
 REPO = Path(__file__).resolve().parent.parent
 
 
-def profile_overrides(name: str) -> dict[str, Any]:
-    if name == "reference":
-        return {}
-    from fedtune.toml_io import read_flat
-
-    path = Path(name) if name.endswith(".toml") else REPO / "profiles" / f"{name}.toml"
-    return read_flat(path)
-
-
 def run_config(
     work: Path, profile: str, transport: str, args: argparse.Namespace, rounds: int | None = None
 ) -> dict[str, Any]:
-    from bench.supernode_round import base_run_config
+    from bench.supernode_round import base_run_config, profile_overrides
 
     config = base_run_config(work, profile_overrides(profile))
     config.update(

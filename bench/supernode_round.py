@@ -67,11 +67,12 @@ def node_config(out: Path, worst: bool = False) -> dict[str, Any]:
 
 
 def profile_overrides(name: str) -> dict[str, Any]:
+    """The run-config overrides of a profile: "reference" (none), a name under profiles/, or a .toml path."""
     if name == "reference":
         return {}
     from fedtune.toml_io import read_flat
 
-    return read_flat(REPO / "profiles" / f"{name}.toml")
+    return read_flat(Path(name) if name.endswith(".toml") else REPO / "profiles" / f"{name}.toml")
 
 
 # ---- prepare -------------------------------------------------------------------------------------------
