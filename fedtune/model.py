@@ -7,6 +7,7 @@ model's config on the meta device, so a CPU-only SuperLink host never needs the 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -163,6 +164,38 @@ def arrays_to_state(arrays: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
     return OrderedDict((key, torch.from_numpy(np.array(v, dtype=np.float32))) for key, v in values.items())
 
 
+# model -> {peft state-dict key: the Parameter behind it}; weak, so a reloaded model drops its entry
+_ADAPTER_PARAMETERS: weakref.WeakKeyDictionary[Any, OrderedDict[str, torch.nn.Parameter]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def adapter_parameters(model: PeftModel) -> OrderedDict[str, torch.nn.Parameter] | None:
+    """peft's adapter keys (its order) and the parameters they name, found once per model.
+
+    `get_peft_model_state_dict` walks the whole model's `state_dict()` every call, and on a 4-bit base
+    bitsandbytes packs every quantised layer's quant state for it: ~0.1-0.3 s per call on the 8B shape
+    (H200 host) for a few hundred LoRA tensors, paid on the way in and out of every round. Its tensors share
+    storage with the parameters, which is how each key finds its parameter here. None when one does not
+    (a peft form that copies): the callers then go through peft each time."""
+    if model in _ADAPTER_PARAMETERS:
+        return _ADAPTER_PARAMETERS[model]
+    from peft import get_peft_model_state_dict
+
+    # (a meta-device model has no storage to tell its tensors apart: no map for it)
+    by_storage = {p.data_ptr(): p for p in model.parameters() if p.device.type != "meta" and p.numel()}
+    found: OrderedDict[str, torch.nn.Parameter] = OrderedDict()
+    for key, tensor in get_peft_model_state_dict(model).items():
+        param = by_storage.get(tensor.data_ptr()) if tensor.device.type != "meta" else None
+        if param is None or param.shape != tensor.shape:
+            return None
+        found[key] = param
+    if len({id(param) for param in found.values()}) != len(found):
+        return None
+    _ADAPTER_PARAMETERS[model] = found
+    return found
+
+
 def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
     """A snapshot of the adapter's tensors in float32 (trl may train them in bf16 on a quantised base).
 
@@ -171,20 +204,35 @@ def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
     import torch
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model)
+    params = adapter_parameters(model)
+    state = params if params is not None else get_peft_model_state_dict(model)
     return OrderedDict(
         (key, tensor.detach().to("cpu", torch.float32, copy=True)) for key, tensor in state.items()
     )
 
 
 def load_adapter_state(model: PeftModel, state: OrderedDict[str, torch.Tensor]) -> None:
-    """Put global adapter weights into the model; every key must match exactly."""
+    """Put global adapter weights into the model; every key and shape must match exactly. Each value is
+    copied into its parameter in the parameter's dtype and device, as peft's `set_peft_model_state_dict`
+    (`load_state_dict`) does."""
+    import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    expected = set(get_peft_model_state_dict(model))  # the keys only: no copy of the tensors
+    params = adapter_parameters(model)
+    expected = set(params) if params is not None else set(get_peft_model_state_dict(model))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(f"adapter keys differ from the model's: missing {missing[:3]}, extra {extra[:3]}")
-    result: Any = set_peft_model_state_dict(model, state)  # a NamedTuple peft does not type
-    if result.unexpected_keys:
-        raise ValueError(f"unexpected adapter keys: {result.unexpected_keys[:3]}")
+    if params is None:
+        result: Any = set_peft_model_state_dict(model, state)  # a NamedTuple peft does not type
+        if result.unexpected_keys:
+            raise ValueError(f"unexpected adapter keys: {result.unexpected_keys[:3]}")
+        return
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(params[key].shape):
+            raise ValueError(
+                f"adapter tensor {key}: shape {tuple(value.shape)}, the model's is {tuple(params[key].shape)}"
+            )
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value)

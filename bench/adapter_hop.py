@@ -1,0 +1,106 @@
+"""The warm trainer's adapter hop, in and out of the loaded model, with peft's state-dict functions each time
+against fedtune.model's key -> parameter map (found once per model). One phase of a round, timed alone: the
+whole round, with this phase in it, is bench/federation.py's "trainer has adapter" and "ClientApp replied"
+hops.
+
+    python -m bench.adapter_hop --work /tmp/fedtune-bench [--profile reference|fast|PATH.toml] [--reps 5]
+
+The model is the one `bench.supernode_round prepare` built in WORK (the InternLM3-8B shape by default), loaded
+as the profile says (4-bit by default). Prints a table and, with --json, the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.federation import machine
+from bench.supernode_round import base_run_config, profile_overrides
+from fedtune.runtime_env import silence_flwr
+
+
+def timed(fn: Callable[[], Any], reps: int, sync: Callable[[], None]) -> list[float]:
+    fn()  # warm-up: first-call costs (allocations, the map itself) are not the steady state
+    sync()
+    seconds = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        fn()
+        sync()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fedtune-bench"))
+    parser.add_argument("--profile", default="reference")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    silence_flwr()
+
+    import torch
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from clientapp.round import adapter_in, adapter_out
+    from fedtune import model as fedtune_model
+    from fedtune.config import FedTuneConfig
+    from fedtune.model import load_trainable_model, pick_device
+    from fedtune.round_config import RoundConfig
+
+    cfg = FedTuneConfig.from_run_config(base_run_config(args.work, profile_overrides(args.profile)))
+    device = pick_device()
+    model = load_trainable_model(cfg.model, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    round_config = RoundConfig(
+        server_round=1, learning_rate=cfg.learning_rate(1), transport_dtype=cfg.model.transport_dtype,
+        transport=cfg.comm.transport, codec={}, sent_at=time.time(),
+    )
+    record = adapter_out(model, round_config)
+    state = fedtune_model.adapter_state(model)
+
+    def peft_read() -> Any:
+        state = get_peft_model_state_dict(model)
+        return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
+
+    def peft_write() -> None:
+        set(get_peft_model_state_dict(model))  # the key check the old load_adapter_state made
+        set_peft_model_state_dict(model, state)
+
+    phases = {
+        "read (peft each call)": peft_read,
+        "read (fedtune map)": lambda: fedtune_model.adapter_state(model),
+        "write (peft each call)": peft_write,
+        "write (fedtune map)": lambda: fedtune_model.load_adapter_state(model, state),
+        "adapter_out: read + encode + pack": lambda: adapter_out(model, round_config),
+        "adapter_in: unpack + decode + write": lambda: adapter_in(model, record),
+    }
+    figures = {name: timed(fn, args.reps, sync) for name, fn in phases.items()}
+    payload = {
+        "machine": machine(),
+        "profile": args.profile,
+        "device": device,
+        "adapter_tensors": len(state),
+        "adapter_mb": sum(t.numel() * 4 for t in state.values()) / 1e6,
+        "seconds": figures,
+    }
+    print(f"machine: {payload['machine']}\nprofile {args.profile}, {device}, {len(state)} adapter tensors "
+          f"({payload['adapter_mb']:.1f} MB fp32), median of {args.reps}\n")
+    print("| phase | median ms | min ms |\n|---|---|---|")
+    for name, values in figures.items():
+        print(f"| {name} | {statistics.median(values) * 1000:.1f} | {min(values) * 1000:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps(payload, indent=1))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
