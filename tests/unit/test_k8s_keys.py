@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedtune import k8s_keys
@@ -75,7 +76,8 @@ def test_first_run_mints_a_valid_pair_per_pod(api, tmp_path):
         assert isinstance(private.curve, ec.SECP384R1)
         assert private.public_key().public_numbers() == public.public_numbers()
         assert data[f"{pod}.pub"].startswith(b"ecdsa-sha2-nistp384 ")
-        assert data[pod].startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+        # stored in the OpenSSH format (what flower-supernode reads), not just any PEM
+        assert isinstance(serialization.load_ssh_private_key(data[pod], None), ec.EllipticCurvePrivateKey)
         # fedtune-keys itself accepts the pair as valid and keeps it
         keys = subprocess.run(
             [sys.executable, "-m", "fedtune.auth", "generate", "--out", str(auth), pod],
@@ -87,7 +89,9 @@ def test_first_run_mints_a_valid_pair_per_pod(api, tmp_path):
         != load_private_key(auth / pods[1]).private_numbers()
     )
     assert "minted a key for fedtune-supernode-0" in done.stdout and f"{SECRET} created" in done.stdout
-    assert "BEGIN OPENSSH PRIVATE KEY" not in done.stdout + done.stderr  # private keys never in the log
+    log = done.stdout + done.stderr  # private keys never in the log: no line of their bodies
+    body = [line for pod in pods for line in data[pod].decode().splitlines() if not line.startswith("-----")]
+    assert body and not any(line in log for line in body)
     assert api.requests[0] == ("GET", f"/api/v1/namespaces/federation/secrets/{SECRET}")
     assert {method for method, _ in api.requests} == {"GET", "POST"}
 
