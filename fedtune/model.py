@@ -165,7 +165,7 @@ def arrays_to_state(arrays: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
 
 
 # model -> {peft state-dict key: the Parameter behind it}; weak, so a reloaded model drops its entry
-_ADAPTER_PARAMETERS: weakref.WeakKeyDictionary[Any, OrderedDict[str, torch.nn.Parameter]] = (
+_ADAPTER_PARAMETERS: weakref.WeakKeyDictionary[Any, OrderedDict[str, torch.nn.Parameter] | None] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -184,15 +184,14 @@ def adapter_parameters(model: PeftModel) -> OrderedDict[str, torch.nn.Parameter]
 
     # (a meta-device model has no storage to tell its tensors apart: no map for it)
     by_storage = {p.data_ptr(): p for p in model.parameters() if p.device.type != "meta" and p.numel()}
-    found: OrderedDict[str, torch.nn.Parameter] = OrderedDict()
-    for key, tensor in get_peft_model_state_dict(model).items():
-        param = by_storage.get(tensor.data_ptr()) if tensor.device.type != "meta" else None
-        if param is None or param.shape != tensor.shape:
-            return None
-        found[key] = param
-    if len({id(param) for param in found.values()}) != len(found):
-        return None
-    _ADAPTER_PARAMETERS[model] = found
+    pairs = [
+        (key, by_storage.get(tensor.data_ptr()) if tensor.device.type != "meta" else None, tensor.shape)
+        for key, tensor in get_peft_model_state_dict(model).items()
+    ]
+    mappable = all(param is not None and param.shape == shape for _, param, shape in pairs)
+    mappable = mappable and len({id(param) for _, param, _ in pairs}) == len(pairs)
+    found = OrderedDict((key, param) for key, param, _ in pairs if param is not None) if mappable else None
+    _ADAPTER_PARAMETERS[model] = found  # None too: the walk is not repeated for a model it cannot map
     return found
 
 
