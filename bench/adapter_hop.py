@@ -53,12 +53,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from clientapp.round import adapter_in, adapter_out
     from fedtune import model as fedtune_model
     from fedtune.config import FedTuneConfig
-    from fedtune.model import load_trainable_model, pick_device
     from fedtune.round_config import RoundConfig
 
     cfg = FedTuneConfig.from_run_config(base_run_config(args.work, profile_overrides(args.profile)))
-    device = pick_device()
-    model = load_trainable_model(cfg.model, device)
+    device = fedtune_model.pick_device()
+    model = fedtune_model.load_trainable_model(cfg.model, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     round_config = RoundConfig(
         server_round=1, learning_rate=cfg.learning_rate(1), transport_dtype=cfg.model.transport_dtype,
@@ -68,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state = fedtune_model.adapter_state(model)
 
     def peft_read() -> Any:
-        state = get_peft_model_state_dict(model)
-        return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
+        live = get_peft_model_state_dict(model)
+        return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in live.items()}
 
     def peft_write() -> None:
         set(get_peft_model_state_dict(model))  # the key check the old load_adapter_state made

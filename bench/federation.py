@@ -64,8 +64,9 @@ def machine() -> str:
 
 def http_stack() -> str:
     """The event loop and HTTP parser uvicorn picks for Flower's servers (loop and http "auto"): uvloop and
-    httptools come with `pip install flwr` (uvicorn[standard]); an install without them (a bare image) is
-    slower on every hop through the SuperLink and the SuperNode, so each result says which it measured."""
+    httptools come with `pip install flwr` (uvicorn[standard]), a bare image may lack them, and every hop
+    through the SuperLink and the SuperNode runs on that stack, so each result says which it measured
+    (session 5 on an H200: no difference beyond the noise, bench/RESULTS.md)."""
     import uvicorn
     from uvicorn.loops.auto import auto_loop_factory
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
