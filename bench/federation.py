@@ -43,7 +43,7 @@ from bench.federation_table import print_comparison
 from clientapp.warm.protocol import ping
 from fedtune.federation import LocalFederation
 from fedtune.flower_pulls import RETRY_ENV as PULL_RETRY_ENV
-from fedtune.runtime_env import TRANSFER_CONCURRENCY_ENV, silence_flwr
+from fedtune.runtime_env import CHUNK_ENV, TRANSFER_CONCURRENCY_ENV, chunk_bytes, silence_flwr
 from fedtune.toml_io import write as write_toml
 from superlink.flower_entry import OBJECT_STORES
 
@@ -134,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--flower-transfer", action="store_true",
-        help="Flower's own transfer settings: objects in the database, 2 at a time, pulls backing off 1-10 s",
+        help="Flower's own transfer settings: objects in the database, 5 MiB chunks, 2 at a time, pulls "
+        "backing off 1-10 s",
+    )
+    parser.add_argument(
+        "--chunk-mib", type=float, default=None,
+        help=f"size of the objects Flower cuts each array into, MiB (default: {CHUNK_ENV}, else fedtune's "
+        "16; Flower's is 5)",
     )
     parser.add_argument("--steps", type=int, default=None, help="override train.max-steps (CPU smoke)")
     parser.add_argument("--no-preload", action="store_true", help="load the model in round 1 instead")
@@ -176,6 +182,8 @@ def start_federation(
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if args.flower_transfer:
         env[PULL_RETRY_ENV] = "flower"
+    if args.chunk_mib:
+        env[CHUNK_ENV] = str(int(args.chunk_mib * 2**20))
     if args.transfer_concurrency:
         env.update(dict.fromkeys(TRANSFER_CONCURRENCY_ENV, str(args.transfer_concurrency)))
     fed = LocalFederation(fed_dir, supernode_auth=True, extra_env=env)
@@ -210,7 +218,7 @@ def start_federation(
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.flower_transfer:
-        args.object_store, args.transfer_concurrency = "database", 2
+        args.object_store, args.transfer_concurrency, args.chunk_mib = "database", 2, 5.0
     silence_flwr()
     # stopped from outside (timeout, kill): unwind, so the federation's processes are stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -230,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "object_store": args.object_store,
         "transfer_concurrency": args.transfer_concurrency or int(
             TRANSFER_CONCURRENCY_ENV["FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS"]),
+        "chunk_bytes": int(args.chunk_mib * 2**20) if args.chunk_mib else chunk_bytes(os.environ),
         "clientapp": "cold" if args.cold_clientapp else "prestarted",
         "serverapp": "cold" if args.cold_serverapp else "prestarted",
         "runs": [],
@@ -247,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{payload['preload_seconds']:.1f} s later (db: {args.superlink_db}, "
             f"objects: {args.object_store}, "
             f"transfer concurrency: {payload['transfer_concurrency']}, "
+            f"chunks: {payload['chunk_bytes'] / 2**20:g} MiB, "
             f"ClientApp: {payload['clientapp']}, ServerApp: {payload['serverapp']})",
             flush=True,
         )

@@ -15,8 +15,8 @@ FLWR_QUIET_ENV: Mapping[str, str] = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
 }
-# How many objects (5 MiB chunks of an adapter) one Flower process pushes or pulls at a time: Flower's
-# default is 2, capped by the CPU count. A 77 MB adapter is 16 chunks, each its own HTTPS request whose
+# How many objects (chunks of an adapter, below) one Flower process pushes or pulls at a time: Flower's
+# default is 2, capped by the CPU count. A 77 MB adapter is 5-16 chunks, each its own HTTPS request whose
 # latency (proxy, SuperLink handler, hashing) dominates on a fast link; more in flight hide it. Set either
 # variable to override (bench.federation --transfer-concurrency measures it).
 TRANSFER_CONCURRENCY_ENV: Mapping[str, str] = {
@@ -24,9 +24,32 @@ TRANSFER_CONCURRENCY_ENV: Mapping[str, str] = {
     "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8",
 }
 
+# The size of the objects Flower cuts each array into (its default: 5 MiB). Every object costs the SuperLink
+# a request's worth of work whatever its size (its HTTP middleware, SQL for run status, object claim and
+# traffic, node authentication), and that work runs on one Python process for every node: with 16 MiB the
+# uploads of a reference round took 1.2-1.9 s instead of 2.2-2.5 s on an H200 host (bench/RESULTS.md). Read
+# by every process that sends arrays (the ServerApp, the ClientApp); a receiver takes any size. Capped below
+# the proxy's request limit (superlink/proxy.py).
+CHUNK_ENV = "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+MAX_CHUNK_BYTES = 24 * 2**20  # superlink/proxy.py refuses requests over 32 MiB
+
+
+def chunk_bytes(env: Mapping[str, str]) -> int:
+    """The array chunk size `env` sets, checked: a whole number of bytes, 64 KiB to 24 MiB."""
+    raw = env.get(CHUNK_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CHUNK_BYTES
+    if not raw.isdigit() or not 2**16 <= int(raw) <= MAX_CHUNK_BYTES:
+        raise FedTuneError(
+            f"{CHUNK_ENV} must be a number of bytes from {2**16} to {MAX_CHUNK_BYTES}, got {raw!r}"
+        )
+    return int(raw)
+
 
 def flwr_env(base: Mapping[str, str] | None = None, /, **extra: str) -> dict[str, str]:
-    """A copy of `base` (default: os.environ) with telemetry and update checks off."""
+    """A copy of `base` (default: os.environ) with telemetry and update checks off and fedtune's transfer
+    settings where `base` has none."""
     env = dict(os.environ if base is None else base)
     env.update(FLWR_QUIET_ENV)
     for name, value in TRANSFER_CONCURRENCY_ENV.items():
@@ -37,6 +60,7 @@ def flwr_env(base: Mapping[str, str] | None = None, /, **extra: str) -> dict[str
     if _BIN_DIR not in path:
         env["PATH"] = os.pathsep.join([_BIN_DIR, *path])
     env.update(extra)
+    env[CHUNK_ENV] = str(chunk_bytes(env))
     return env
 
 

@@ -9,9 +9,10 @@ the public port with the config rendered here: `/v1/fleet/<name>` (POST) and `GE
 SuperLink over TLS, verified against the federation's CA; everything else is answered 403 by nginx.
 
 Facts from flwr 1.42's source the config is sized by: SuperNodes speak protobuf over HTTP/1.1 (httpx,
-unary POSTs, no streaming on the Fleet API) to `/v1/fleet/<kebab-name>` with no query string; arrays move
-in 5 MiB chunks (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE) and a FAB is at most 10 MB; the client gives up after
-30 s, while the SuperLink may hold a request up to its SQLite busy timeout (60 s, superlink/flower_entry.py).
+unary POSTs, no streaming on the Fleet API) to `/v1/fleet/<kebab-name>` with no query string; arrays
+move in chunks of FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE (fedtune: 16 MiB, at most 24 MiB, fedtune.runtime_env)
+and a FAB is at most 10 MB; the client gives up after 30 s without progress, while the SuperLink may hold
+a request up to its SQLite busy timeout (60 s, superlink/flower_entry.py).
 
 One renderer for every deployment: `fedtune-superlink` (hosts, compose, LocalFederation) writes it to its
 runtime folder; the Helm chart uses the same text: `python -m superlink.proxy --print-config ...`.
@@ -35,7 +36,8 @@ DEFAULT_INTERNAL_PORT = 9000  # Flower's SuperLink, on 127.0.0.1 only
 # Name the proxy verifies in the SuperLink's certificate: nginx matches DNS names only (not IP SANs),
 # and fedtune-certs always puts localhost in the server certificate.
 UPSTREAM_TLS_NAME = "localhost"
-# 5 MiB array chunks and 10 MB FABs, plus protobuf framing; a larger body is refused with 413.
+# Array chunks (at most fedtune.runtime_env.MAX_CHUNK_BYTES, 24 MiB) and 10 MB FABs, plus protobuf framing;
+# a larger body is refused with 413.
 MAX_BODY = "32m"
 # Above the SuperLink's 60 s SQLite busy timeout, so nginx never cuts a request the SuperLink still serves.
 TIMEOUT_S = 300

@@ -42,7 +42,7 @@ def test_config_allows_only_fleet_and_health(tmp_path):
     assert "return 403;" in text.split("location / {")[1]
     assert "proxy_ssl_verify on;" in text and "proxy_ssl_name localhost;" in text
     assert "server 127.0.0.1:9000;" in text and "listen 0.0.0.0:8000 ssl;" in text
-    assert "client_max_body_size 32m;" in text  # 5 MiB array chunks, 10 MB FABs
+    assert "client_max_body_size 32m;" in text  # array chunks of at most 24 MiB, 10 MB FABs
     assert "keepalive_timeout 3s;" in text  # under uvicorn's 5 s idle close: no 502 on a reused connection
 
 
@@ -145,6 +145,29 @@ def test_public_port_refuses_control_while_loopback_serves_it(tmp_path):
         done = fed.flwr("ls", "public", "--format", "json")
         assert done.returncode != 0 or '"success": false' in done.stdout
         assert "403" in done.stdout + done.stderr, done.stdout + done.stderr
+    finally:
+        fed.stop()
+
+
+@needs_nginx
+def test_public_port_passes_the_largest_array_chunk_and_refuses_more(tmp_path):
+    """Flower sends each array chunk in one request: the largest chunk size fedtune allows must get through
+    nginx to the SuperLink (whatever it answers to a body that is no PushObjectRequest), a larger body not."""
+    import httpx
+
+    from fedtune.runtime_env import MAX_CHUNK_BYTES
+
+    fed = LocalFederation(tmp_path / "fed")
+    try:
+        fed.start_superlink()
+        with httpx.Client(verify=str(fed.ca_cert), timeout=60) as client:
+            def push(nbytes: int) -> httpx.Response:
+                return client.post(f"https://{fed.address}/v1/fleet/push-object", content=b"\0" * nbytes,
+                                   headers={"content-type": "application/protobuf"})
+
+            passed = push(MAX_CHUNK_BYTES + 4096)  # a chunk plus its protobuf framing
+            assert passed.status_code != 413 and "nginx" not in passed.text, passed.text[:200]
+            assert push(33 * 2**20).status_code == 413
     finally:
         fed.stop()
 
