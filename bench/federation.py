@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench import request_trace
 from bench.federation_run import REPO, one_run, run_config
 from bench.federation_table import print_comparison
 from clientapp.warm.protocol import ping
@@ -46,6 +47,9 @@ from fedtune.flower_pulls import RETRY_ENV as PULL_RETRY_ENV
 from fedtune.runtime_env import CHUNK_ENV, TRANSFER_CONCURRENCY_ENV, chunk_bytes, silence_flwr
 from fedtune.toml_io import write as write_toml
 from superlink.flower_entry import OBJECT_STORES
+
+TRACE_ENV = "FEDTUNE_TRACE_DIR"
+TRACE_HOOK = REPO / "bench" / "trace"  # its sitecustomize.py patches Flower when FEDTUNE_TRACE_DIR is set
 
 # --superlink-db: what LocalFederation's SuperLink gets as --database (None: its SQLite file)
 DATABASES = {"file": None, "sqlite-memory": ":memory:", "flwr-memory": ":flwr-in-memory:"}
@@ -142,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"size of the objects Flower cuts each array into, MiB (default: {CHUNK_ENV}, else fedtune's "
         "16; Flower's is 5)",
     )
+    parser.add_argument(
+        "--trace", type=Path, default=None, metavar="DIR",
+        help="time every HTTP request and SuperLink/SuperNode object handler of every process into DIR "
+        "(bench/trace/sitecustomize.py) and print their summary (bench/request_trace.py)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="override train.max-steps (CPU smoke)")
     parser.add_argument("--no-preload", action="store_true", help="load the model in round 1 instead")
     parser.add_argument(
@@ -184,6 +193,10 @@ def start_federation(
         env[PULL_RETRY_ENV] = "flower"
     if args.chunk_mib:
         env[CHUNK_ENV] = str(int(args.chunk_mib * 2**20))
+    if args.trace:
+        env[TRACE_ENV] = str(args.trace.resolve())
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(TRACE_HOOK), os.environ.get("PYTHONPATH", "")) if p)
     if args.transfer_concurrency:
         env.update(dict.fromkeys(TRANSFER_CONCURRENCY_ENV, str(args.transfer_concurrency)))
     fed = LocalFederation(fed_dir, supernode_auth=True, extra_env=env)
@@ -265,6 +278,10 @@ def main(argv: list[str] | None = None) -> dict:
             if args.json:
                 args.json.write_text(json.dumps(payload, indent=1))
     print_comparison(payload["runs"])
+    if args.trace:
+        print(f"\nevery request, all runs (trace: {args.trace}):")
+        payload["requests"] = request_trace.summarize(args.trace)
+        request_trace.print_summary(payload["requests"])
     print(f"\nmachine: {payload['machine']} | {payload['http_stack']}\ncommand: {payload['command']}")
     if args.json:
         args.json.write_text(json.dumps(payload, indent=1))

@@ -1,6 +1,7 @@
 """CPU smoke of the whole-federation benchmark (bench/federation.py): a real TLS SuperLink with SuperNode
 auth, two SuperNodes with warm trainers, `flwr run` of the tiny model. Structure only: every hop of the
-timeline is stamped, the JSON is complete; timings are the benchmark's business, never asserted here."""
+timeline is stamped, every process's requests are traced (--trace), the JSON is complete; timings are the
+benchmark's business, never asserted here."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def test_federation_benchmark_times_every_hop(tmp_path):
         [
             sys.executable, "-m", "bench.federation", "--work", str(tmp_path / "work"), "--tiny",
             "--nodes", "2", "--rounds", "2", "--steps", "1", "--runs", "reference:packed,reference:per-tensor",
-            "--json", str(out),
+            "--json", str(out), "--trace", str(tmp_path / "trace"),
         ],
         cwd=REPO, capture_output=True, text=True, timeout=1500,
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
@@ -57,3 +58,15 @@ def test_federation_benchmark_times_every_hop(tmp_path):
         for key in ("run_wall_seconds", "sum_slowest_train_seconds", "extrapolated_10_rounds"):
             assert key in summary
     assert "| hop (s from round start) |" in done.stdout and "SuperNode sent" in done.stdout
+    # --trace: every process's requests and the servers' object handlers, by role
+    requests = {(r["role"], r["kind"], r["name"]): r for r in payload["requests"]}
+    for traced in [
+        ("SuperNode", "client", "/v1/fleet/pull-object"), ("SuperNode", "client", "/v1/fleet/push-object"),
+        ("ServerApp", "client", "/v1/runtime/push-object"), ("ServerApp", "client", "/v1/runtime/pull-object"),
+        ("ClientApp", "client", "/v1/runtime/pull-object"), ("ClientApp", "client", "/v1/runtime/push-object"),
+        ("SuperLink", "handler", "fleet.pull_object"), ("SuperLink", "handler", "fleet.push_object"),
+        ("SuperNode", "handler", "node-runtime.pull_object"),
+    ]:
+        assert requests[traced]["count"] > 0 and requests[traced]["bytes"] > 0, traced
+        assert 0 <= requests[traced]["median_s"] <= requests[traced]["max_s"]
+    assert "| process | request / handler |" in done.stdout
