@@ -42,6 +42,7 @@ from bench import request_trace
 from bench.federation_run import REPO, one_run, run_config
 from bench.federation_table import print_comparison
 from clientapp.warm.protocol import ping
+from fedtune.errors import FedTuneError
 from fedtune.federation import LocalFederation
 from fedtune.flower_pulls import RETRY_ENV as PULL_RETRY_ENV
 from fedtune.runtime_env import CHUNK_ENV, TRANSFER_CONCURRENCY_ENV, chunk_bytes, silence_flwr
@@ -191,8 +192,7 @@ def start_federation(
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if args.flower_transfer:
         env[PULL_RETRY_ENV] = "flower"
-    if args.chunk_mib:
-        env[CHUNK_ENV] = str(int(args.chunk_mib * 2**20))
+    env[CHUNK_ENV] = str(args.chunk_bytes)
     if args.trace:
         env[TRACE_ENV] = str(args.trace.resolve())
         env["PYTHONPATH"] = os.pathsep.join(
@@ -232,6 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.flower_transfer:
         args.object_store, args.transfer_concurrency, args.chunk_mib = "database", 2, 5.0
+    # the chunk size every process of the federation gets: --chunk-mib, else the environment's or fedtune's
+    chunk_env = {CHUNK_ENV: str(int(args.chunk_mib * 2**20))} if args.chunk_mib else os.environ
+    try:
+        args.chunk_bytes = chunk_bytes(chunk_env)
+    except FedTuneError as err:
+        raise SystemExit(f"error: {err}") from None
     silence_flwr()
     # stopped from outside (timeout, kill): unwind, so the federation's processes are stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         "object_store": args.object_store,
         "transfer_concurrency": args.transfer_concurrency or int(
             TRANSFER_CONCURRENCY_ENV["FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS"]),
-        "chunk_bytes": int(args.chunk_mib * 2**20) if args.chunk_mib else chunk_bytes(os.environ),
+        "chunk_bytes": args.chunk_bytes,
         "clientapp": "cold" if args.cold_clientapp else "prestarted",
         "serverapp": "cold" if args.cold_serverapp else "prestarted",
         "runs": [],
