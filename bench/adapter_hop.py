@@ -1,7 +1,9 @@
-"""The warm trainer's adapter hop, in and out of the loaded model, with peft's state-dict functions each time
-against fedtune.model's key -> parameter map (found once per model). One phase of a round, timed alone: the
-whole round, with this phase in it, is bench/federation.py's "trainer has adapter" and "ClientApp replied"
-hops.
+"""The warm trainer's adapter hop, in and out of the loaded model: peft's state-dict functions each time
+against fedtune.model's key -> parameter map (found once per model), and, with the map, the adapter moved
+tensor by tensor (a host copy of each, then encode and pack there) against one buffer cast and laid out on the
+device and copied once (`adapter_buffer` / `load_adapter_buffers`, what clientapp/round.py runs). One phase
+of a round, timed alone: the whole round, with this phase in it, is bench/federation.py's "trainer has
+adapter" and "ClientApp replied" hops.
 
     python -m bench.adapter_hop --work /tmp/fedtune-bench [--profile reference|fast|PATH.toml] [--reps 5]
 
@@ -15,9 +17,12 @@ import argparse
 import json
 import statistics
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bench.federation import machine
 from bench.supernode_round import base_run_config, profile_overrides
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from clientapp.round import adapter_in, adapter_out
     from fedtune import model as fedtune_model
+    from fedtune import packing
     from fedtune.config import FedTuneConfig
     from fedtune.round_config import RoundConfig
 
@@ -70,6 +76,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         live = get_peft_model_state_dict(model)
         return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in live.items()}
 
+    def out_tensor_by_tensor() -> Any:
+        wire = packing.encode(fedtune_model.adapter_state(model), round_config.transport_dtype)
+        return packing.to_record(wire, round_config.transport)
+
+    def in_tensor_by_tensor() -> None:
+        values = packing.decode(packing.unpack(record).arrays)
+        state_in = OrderedDict((k, torch.from_numpy(np.array(v, np.float32))) for k, v in values.items())
+        fedtune_model.load_adapter_state(model, state_in)
+
     def peft_write() -> None:
         set(get_peft_model_state_dict(model))  # the key check the old load_adapter_state made
         set_peft_model_state_dict(model, state)
@@ -79,8 +94,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "read (fedtune map)": lambda: fedtune_model.adapter_state(model),
         "write (peft each call)": peft_write,
         "write (fedtune map)": lambda: fedtune_model.load_adapter_state(model, state),
-        "adapter_out: read + encode + pack": lambda: adapter_out(model, round_config),
-        "adapter_in: unpack + decode + write": lambda: adapter_in(model, record),
+        "adapter_out, tensor by tensor: read + encode + pack": out_tensor_by_tensor,
+        "adapter_out, one device buffer (this tree)": lambda: adapter_out(model, round_config),
+        "adapter_in, tensor by tensor: unpack + decode + write": in_tensor_by_tensor,
+        "adapter_in, buffer by buffer (this tree)": lambda: adapter_in(model, record),
     }
     figures = {name: timed(fn, args.reps, sync) for name, fn in phases.items()}
     payload = {

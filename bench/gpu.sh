@@ -6,6 +6,7 @@
 #   bash bench/gpu.sh federation  # the whole federation (bench/federation.py): TLS SuperLink + auth,
 #                                 # 2 SuperNodes with warm trainers, flwr run; FED_RUNS, FED_ROUNDS, FED_ARGS
 #   bash bench/gpu.sh adapter-hop # the warm trainer's adapter in/out of the model alone (bench/adapter_hop.py)
+#   bash bench/gpu.sh compile-cache # 2 fresh trainer processes sharing a compile cache: does round 1 recompile?
 #   bash bench/gpu.sh smoke       # versions + the model: check the install, nothing else
 # Results: $OUT (or bench/out/results), the model and data in $BENCH_WORK (default /tmp/fedtune-bench).
 set -uo pipefail
@@ -67,6 +68,11 @@ PY
   adapter-hop)  # the warm trainer's adapter in/out of the 4-bit model: peft each call vs fedtune's map
     python3 -m bench.adapter_hop --work "$WORK" --profile "${HOP_PROFILE:-reference}" \
       --json "$RESULTS/adapter-hop${FED_TAG:-}.json" 2>&1 | grep -v -i "warn\|it/s\]" | tee "$RESULTS/adapter-hop${FED_TAG:-}.txt"
+    ;;
+  compile-cache)  # CC_PROFILE (default fast), CC_PROCESSES (default 2)
+    python3 -m bench.compile_cache --work "$WORK" --profile "${CC_PROFILE:-fast}" --processes "${CC_PROCESSES:-2}" \
+      --json "$RESULTS/compile-cache${FED_TAG:-}.json" 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]" \
+      | tee "$RESULTS/compile-cache${FED_TAG:-}.txt"
     ;;
   smoke)
     python3 -c "import flwr, bitsandbytes, trl; print('imports ok')" && command -v flower-superlink flwr nginx

@@ -21,11 +21,13 @@ import numpy as np
 
 from clientapp.trainer import RoundOutcome, train_one_round
 from fedtune import packing
-from fedtune.codecs import CodecSpec, ffa
+from fedtune.codecs import CodecSpec, ffa, is_lora_a
 from fedtune.config import FedTuneConfig
 from fedtune.dataset import load_node_dataset
 from fedtune.model import (
+    adapter_buffer,
     adapter_state,
+    load_adapter_buffers,
     load_adapter_state,
     load_tokenizer,
     load_trainable_model,
@@ -117,10 +119,14 @@ def _release_paged_optimizer_state() -> None:
 
 def adapter_in(model: Any, record: ArrayRecord, ffa_lora: FedTuneConfig | None = None) -> None:
     """Load the round's global adapter (packed or per-tensor, fp32 or bf16 bits) into the model; under
-    FFA-LoRA (`ffa_lora`: the run's config) the record holds only B and A comes from the run's seed."""
+    FFA-LoRA (`ffa_lora`: the run's config) the record holds only B and A comes from the run's seed.
+    A packed record goes to the model's device buffer by buffer (fedtune.model.load_adapter_buffers)."""
     import torch
 
-    values = packing.decode(packing.unpack(record).arrays)
+    unpacked = packing.unpack(record)
+    if ffa_lora is None and load_adapter_buffers(model, unpacked):
+        return
+    values = packing.decode(unpacked.arrays)
     # copies: the arrays are views into one received buffer, and the model keeps what it is given
     state = OrderedDict((k, torch.from_numpy(np.array(v, dtype=np.float32))) for k, v in values.items())
     if ffa_lora is not None:
@@ -129,9 +135,18 @@ def adapter_in(model: Any, record: ArrayRecord, ffa_lora: FedTuneConfig | None =
 
 
 def adapter_out(model: Any, round_config: RoundConfig) -> ArrayRecord:
-    """The trained adapter in the round's transport dtype and form (packed or per-tensor)."""
-    state = adapter_state(model)
-    if CodecSpec.from_config(round_config.codec).ffa_lora:  # issue 18: the frozen A never travels
+    """The trained adapter in the round's transport dtype and form (packed or per-tensor): cast and laid
+    out on the model's device, one copy to the host (fedtune.model.adapter_buffer)."""
+    b_only = CodecSpec.from_config(round_config.codec).ffa_lora  # issue 18: the frozen A never travels
+    keep = (lambda key: not is_lora_a(key)) if b_only else None
+    flat = adapter_buffer(model, round_config.transport_dtype, keep)
+    if flat is not None:
+        layout, buffer = flat
+        if round_config.transport == "packed":
+            return packing.pack_buffer(layout, buffer)
+        return packing.to_record(packing.split_buffer(layout, buffer), round_config.transport)
+    state = adapter_state(model)  # no parameter map: through peft, tensor by tensor
+    if b_only:
         state = ffa.b_only(state)
     wire = packing.encode(state, round_config.transport_dtype)
     return packing.to_record(wire, round_config.transport)

@@ -7,15 +7,17 @@ model's config on the meta device, so a CPU-only SuperLink host never needs the 
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedtune.config import ModelSettings
 from fedtune.embedded import resolve_model
-from fedtune.packing import BF16_WIRE_DTYPE  # noqa: F401  (re-exported: bf16 bits travel as uint16)
+from fedtune.packing import BF16_WIRE_DTYPE, Unpacked  # (bf16 bits travel as uint16)
 
 if TYPE_CHECKING:  # heavy imports stay inside functions: the SuperLink/CLI start fast
     import torch
@@ -210,6 +212,92 @@ def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
     )
 
 
+# the transport dtypes as torch dtypes: a wire buffer is filled on the model's device
+def _wire_torch_dtype(transport_dtype: str) -> torch.dtype:
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if transport_dtype not in dtypes:
+        raise ValueError(f"unknown transport dtype {transport_dtype!r}")
+    return dtypes[transport_dtype]
+
+
+def adapter_buffer(
+    model: PeftModel, transport_dtype: str, keep: Callable[[str], bool] | None = None
+) -> tuple[list[tuple[str, tuple[int, ...]]], np.ndarray] | None:
+    """The adapter's tensors (those `keep` accepts) in the transport dtype, back to back in one new 1-D
+    buffer, with their names and shapes in buffer order; bf16 as its bit patterns (uint16), as
+    fedtune/packing.py's `encode` gives them (round to nearest even, exact from bf16 weights).
+
+    The cast and the concatenation run where the weights are (the GPU), then one copy brings the buffer to the
+    host: a few hundred small device-to-host copies, each waiting for the device, and the host-side encode
+    and pack copies are what `adapter_state` + `encode` + `pack` cost. None without a parameter map."""
+    import torch
+
+    params = adapter_parameters(model)
+    if params is None:
+        return None
+    wire = _wire_torch_dtype(transport_dtype)
+    chosen = [(key, param) for key, param in params.items() if keep is None or keep(key)]
+    on_one_device = len({param.device for _, param in chosen}) <= 1
+    with torch.no_grad():
+        parts = [param.detach().reshape(-1).to(wire) for _, param in chosen]
+        if not on_one_device:  # (an offloaded model) concatenate on the host
+            parts = [part.cpu() for part in parts]
+        flat = torch.cat(parts) if parts else torch.empty(0, dtype=wire)
+        host = flat.cpu()  # torch.cat made a new tensor: the buffer never aliases a live parameter
+    values = host.numpy() if wire == torch.float32 else host.view(torch.int16).numpy().view(np.uint16)
+    return [(key, tuple(param.shape)) for key, param in chosen], values
+
+
+def load_adapter_buffers(model: PeftModel, unpacked: Unpacked) -> bool:
+    """Write a packed adapter (float32, or bf16 bits) into the model from its received buffers: each buffer
+    crosses to the device in one copy and is cut into the parameters there (each value copied in the
+    parameter's dtype, as `load_adapter_state` does; the same checks of keys and shapes). False, having
+    written nothing, where this path does not apply (no parameter map, a per-tensor record, other dtypes):
+    the caller then decodes per tensor."""
+    import warnings
+
+    import torch
+
+    params = adapter_parameters(model)
+    wire_dtypes = {"float32", BF16_WIRE_DTYPE.name}
+    if params is None or unpacked.form != "packed" or not set(unpacked.buffers) <= wire_dtypes:
+        return False
+    _check_adapter(params, {key: tuple(values.shape) for key, values in unpacked.arrays.items()})
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    with torch.no_grad(), warnings.catch_warnings():
+        # the received buffers are read-only views of the message's bytes; torch only reads them here
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        staged: dict[str, torch.Tensor] = {}
+        for dtype_name, buffer in unpacked.buffers.items():
+            if dtype_name == BF16_WIRE_DTYPE.name:
+                staged[dtype_name] = torch.from_numpy(buffer.view(np.int16)).to(device).view(torch.bfloat16)
+            else:
+                staged[dtype_name] = torch.from_numpy(buffer).to(device)
+        for entry in unpacked.entries:
+            count = math.prod(entry["shape"])
+            source = staged[entry["dtype"]][entry["offset"] : entry["offset"] + count]
+            params[entry["name"]].copy_(source.view(entry["shape"]))
+    return True
+
+
+def _check_keys(expected: set[str], got: set[str]) -> None:
+    if got != expected:
+        missing, extra = sorted(expected - got), sorted(got - expected)
+        raise ValueError(f"adapter keys differ from the model's: missing {missing[:3]}, extra {extra[:3]}")
+
+
+def _check_adapter(params: Mapping[str, torch.nn.Parameter], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every key of the model's adapter, nothing else, each in the model's shape."""
+    _check_keys(set(params), set(shapes))
+    for key, shape in shapes.items():
+        if tuple(shape) != tuple(params[key].shape):
+            raise ValueError(
+                f"adapter tensor {key}: shape {tuple(shape)}, the model's is {tuple(params[key].shape)}"
+            )
+
+
 def load_adapter_state(model: PeftModel, state: OrderedDict[str, torch.Tensor]) -> None:
     """Put global adapter weights into the model; every key and shape must match exactly. Each value is
     copied into its parameter in the parameter's dtype and device, as peft's `set_peft_model_state_dict`
@@ -218,20 +306,13 @@ def load_adapter_state(model: PeftModel, state: OrderedDict[str, torch.Tensor]) 
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     params = adapter_parameters(model)
-    expected = set(params) if params is not None else set(get_peft_model_state_dict(model))
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"adapter keys differ from the model's: missing {missing[:3]}, extra {extra[:3]}")
     if params is None:
+        _check_keys(set(get_peft_model_state_dict(model)), set(state))
         result: Any = set_peft_model_state_dict(model, state)  # a NamedTuple peft does not type
         if result.unexpected_keys:
             raise ValueError(f"unexpected adapter keys: {result.unexpected_keys[:3]}")
         return
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(params[key].shape):
-            raise ValueError(
-                f"adapter tensor {key}: shape {tuple(value.shape)}, the model's is {tuple(params[key].shape)}"
-            )
+    _check_adapter(params, {key: tuple(value.shape) for key, value in state.items()})
     with torch.no_grad():
         for key, value in state.items():
             params[key].copy_(value)

@@ -7,8 +7,11 @@ buffer and describes them in a manifest; `unpack` cuts the buffers back into ten
 
     encode(state, transport_dtype) -> {name: ndarray}   tensors to wire dtype (float32, or bf16 bits)
     pack({name: ndarray}, meta) -> ArrayRecord          "packed" transport: a few buffers + manifest
+    pack_buffer(layout, buffer, meta) -> ArrayRecord    the same, from one buffer the caller already filled
+    split_buffer(layout, buffer) -> {name: ndarray}     that buffer cut into its tensors (views)
     per_tensor({name: ndarray}) -> ArrayRecord          "per-tensor" transport: one Array per tensor
     unpack(record) -> Unpacked                          either form back to {name: ndarray}, validated
+                                                        (packed: also the buffers and their manifest)
     decode({name: ndarray}) -> {name: float32 ndarray}  wire dtype back to float32
     leaderboard_bytes(specs) -> int                     Σ count_bytes() of the per-tensor record,
                                                         computed from names, shapes and dtypes alone
@@ -36,7 +39,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
-    from flwr.app import ArrayRecord
+    from flwr.app import Array, ArrayRecord
 
 FORMAT = "fedtune-packed"
 VERSION = 1
@@ -57,9 +60,13 @@ class PackingError(ValueError):
 
 @dataclass
 class Unpacked:
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray]  # views into `buffers` when packed
     form: str  # "packed" | "per-tensor"
     meta: dict[str, Any] = field(default_factory=dict)
+    # packed only: each dtype's whole buffer and the checked manifest entries (name, dtype, shape, offset),
+    # so a reader can move a buffer in one piece (e.g. to the GPU) and cut it there
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    entries: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ---- tensors <-> wire dtype --------------------------------------------------------------------------
@@ -123,18 +130,16 @@ def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
 
 def per_tensor(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """One Flower Array per tensor: the leaderboard's (and Flower's usual) form."""
-    from flwr.app import Array, ArrayRecord
+    from flwr.app import ArrayRecord
 
     record = ArrayRecord()
     for name, values in arrays.items():
-        record[name] = Array(np.ascontiguousarray(values))
+        record[name] = npy_array(values)
     return record
 
 
 def pack(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> ArrayRecord:
     """Few large Arrays: one contiguous 1-D buffer per dtype, plus the manifest (see the module doc)."""
-    from flwr.app import Array, ArrayRecord
-
     groups: dict[str, list[tuple[str, np.ndarray]]] = {}
     for name, values in arrays.items():
         if name.startswith(PREFIX):
@@ -156,12 +161,62 @@ def pack(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
             buffer[position : position + values.size] = values.reshape(-1)
             position += values.size
         buffers[dtype_name] = buffer
+    return _packed_record(tensors, buffers, meta)
+
+
+def pack_buffer(
+    layout: Iterable[tuple[str, tuple[int, ...]]], buffer: np.ndarray, meta: Mapping[str, Any] | None = None
+) -> ArrayRecord:
+    """The packed record of tensors already laid out back to back in one 1-D buffer (`layout`: their names
+    and shapes in buffer order), without copying them again; the same record `pack` builds from the
+    tensors themselves."""
+    dtype = _check_dtype(buffer.dtype, "buffer")
+    if buffer.ndim != 1:
+        raise PackingError(f"buffer has shape {buffer.shape}, expected 1-D")
+    tensors: list[dict[str, Any]] = []
+    offset = 0
+    for name, shape in layout:
+        if name.startswith(PREFIX):
+            raise PackingError(f"tensor name {name!r} uses the reserved prefix {PREFIX!r}")
+        tensors.append({"name": name, "dtype": dtype.name, "shape": list(shape), "offset": offset})
+        offset += math.prod(shape)
+    if offset != buffer.size:
+        raise PackingError(f"layout covers {offset} elements, the buffer holds {buffer.size}")
+    return _packed_record(tensors, {dtype.name: buffer} if tensors else {}, meta)
+
+
+def split_buffer(layout: Iterable[tuple[str, tuple[int, ...]]], buffer: np.ndarray) -> dict[str, np.ndarray]:
+    """The tensors of a `pack_buffer` layout as views into the buffer (no copy)."""
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for name, shape in layout:
+        count = math.prod(shape)
+        arrays[name] = buffer[offset : offset + count].reshape(shape)
+        offset += count
+    return arrays
+
+
+def _packed_record(
+    tensors: list[dict[str, Any]], buffers: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None
+) -> ArrayRecord:
+    from flwr.app import ArrayRecord
+
     manifest = {"format": FORMAT, "version": VERSION, "meta": dict(meta or {}), "tensors": tensors}
     record = ArrayRecord()
-    record[MANIFEST_KEY] = Array(np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8))
+    record[MANIFEST_KEY] = npy_array(np.frombuffer(json.dumps(manifest).encode(), dtype=np.uint8))
     for dtype_name, buffer in buffers.items():
-        record[PREFIX + dtype_name] = Array(buffer)
+        record[PREFIX + dtype_name] = npy_array(buffer)
     return record
+
+
+def npy_array(values: np.ndarray) -> Array:
+    """Flower's `Array(values)`: the same `.npy` bytes, built with one copy of the data where Flower's
+    `np.save` into a BytesIO and its `getvalue()` make two (tens of ms for a 77 MB adapter buffer)."""
+    from flwr.app import Array
+
+    values = np.require(values, requirements="C")  # (ascontiguousarray would make a 0-d array 1-d)
+    data = b"".join((npy_header(values.shape, values.dtype), values.reshape(-1).view(np.uint8).data))
+    return Array(dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray", data=data)
 
 
 def to_record(arrays: Mapping[str, np.ndarray], transport: str, meta: Mapping[str, Any] | None = None):
@@ -226,7 +281,7 @@ def unpack(record: ArrayRecord) -> Unpacked:
             raise PackingError(
                 f"packed {dtype_name} buffer holds {buffers[dtype_name].size} elements, the manifest {used}"
             )
-    return Unpacked(arrays, "packed", manifest["meta"])
+    return Unpacked(arrays, "packed", manifest["meta"], buffers, entries)
 
 
 def _load(record: ArrayRecord, key: str) -> np.ndarray:
@@ -319,8 +374,8 @@ def _is_count(value: Any) -> bool:
 # ---- the leaderboard's bytes, without building the record ---------------------------------------------
 
 
-def npy_bytes(shape: tuple[int, ...], dtype: np.dtype | str) -> int:
-    """len() of `np.save(array)` for a C-ordered array of this shape and dtype: header + data."""
+def npy_header(shape: tuple[int, ...], dtype: np.dtype | str) -> bytes:
+    """The header `np.save` writes for a C-ordered array of this shape and dtype."""
     dtype = np.dtype(dtype)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
     buffer = io.BytesIO()
@@ -330,7 +385,12 @@ def npy_bytes(shape: tuple[int, ...], dtype: np.dtype | str) -> int:
     except ValueError:
         buffer = io.BytesIO()
         np.lib.format.write_array_header_2_0(buffer, header)
-    return len(buffer.getvalue()) + math.prod(shape) * dtype.itemsize
+    return buffer.getvalue()
+
+
+def npy_bytes(shape: tuple[int, ...], dtype: np.dtype | str) -> int:
+    """len() of `np.save(array)` for a C-ordered array of this shape and dtype: header + data."""
+    return len(npy_header(shape, dtype)) + math.prod(shape) * np.dtype(dtype).itemsize
 
 
 def leaderboard_bytes(specs: Iterable[tuple[str, tuple[int, ...], np.dtype | str]]) -> int:

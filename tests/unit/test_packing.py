@@ -280,3 +280,37 @@ def test_a_truncated_or_padded_payload_is_rejected_and_views_are_read_only():
     arrays = packing.unpack(packing.pack(random_state(11, np.float32))).arrays
     with pytest.raises(ValueError):  # zero-copy views of the received bytes: nobody writes into them
         next(iter(arrays.values()))[...] = 0
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(10, dtype=np.float32),
+        np.zeros((3, 0), np.float32),
+        np.array(3.5),
+        np.arange(6, dtype=">f4").reshape(2, 3),
+        np.arange(12, dtype=np.uint16).reshape(3, 4)[:, ::2],  # not contiguous
+        np.frombuffer(b'{"a": 1}', dtype=np.uint8),
+    ],
+    ids=["f32", "empty", "0-d", "big-endian", "strided", "uint8"],
+)
+def test_npy_array_is_flowers_array_byte_for_byte(values):
+    ours, flowers = packing.npy_array(values), Array(np.require(values, requirements="C"))
+    assert (ours.data, ours.dtype, ours.shape, ours.stype) == (
+        flowers.data, flowers.dtype, flowers.shape, flowers.stype
+    )
+    assert np.array_equal(ours.numpy(), values)
+
+
+def test_pack_buffer_is_pack_of_its_tensors():
+    state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.full((4,), 7.0, np.float32)}
+    buffer = np.concatenate([v.reshape(-1) for v in state.values()])
+    layout = [(name, values.shape) for name, values in state.items()]
+    record = packing.pack_buffer(layout, buffer, {"codec": "x"})
+    expected = packing.pack(state, {"codec": "x"})
+    assert {k: record[k].data for k in record} == {k: expected[k].data for k in expected}
+    split = packing.split_buffer(layout, buffer)
+    assert all(np.shares_memory(split[name], buffer) for name in split)
+    assert all(np.array_equal(split[name], state[name]) for name in state)
+    with pytest.raises(packing.PackingError, match="layout covers 10 elements, the buffer holds 11"):
+        packing.pack_buffer(layout, np.zeros(11, np.float32))
