@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -87,15 +87,18 @@ def encode(state: Mapping[str, torch.Tensor | np.ndarray], transport_dtype: str)
 
 def decode(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Wire arrays to float32: uint16 is bf16 bits (exact widening), other floats are cast."""
-    out: dict[str, np.ndarray] = {}
-    for name, values in arrays.items():
-        if values.dtype == BF16_WIRE_DTYPE:
-            out[name] = from_bf16_bits(values)
-        elif values.dtype == np.float32:
-            out[name] = values
-        else:
-            out[name] = values.astype(np.float32)
-    return out
+    whole = back_to_back(list(arrays.values())) if len(arrays) > 1 else None
+    if whole is not None and whole.dtype != np.float32:  # one buffer (a packed record): widened at once
+        return _split_like(arrays, _to_float32(whole))
+    return {name: _to_float32(values) for name, values in arrays.items()}
+
+
+def _to_float32(values: np.ndarray) -> np.ndarray:
+    if values.dtype == BF16_WIRE_DTYPE:
+        return from_bf16_bits(values)
+    if values.dtype == np.float32:
+        return values
+    return values.astype(np.float32)
 
 
 def _as_numpy(tensor: Any) -> np.ndarray:
@@ -109,6 +112,41 @@ def _as_numpy(tensor: Any) -> np.ndarray:
     if values.dtype != np.float32:
         values = values.astype(np.float32)
     return np.ascontiguousarray(values)
+
+
+def back_to_back(members: Sequence[Any]) -> np.ndarray | None:
+    """The 1-D array over exactly the memory of these arrays when they are consecutive C-ordered pieces
+    of one buffer, in this order, of one native dtype (e.g. the tensors `unpack` cut from a packed buffer,
+    or an aggregate computed into one); else None. Lets a whole adapter be converted or packed at once,
+    without first copying it together."""
+    if not members or any(not isinstance(v, np.ndarray) for v in members):
+        return None
+    dtype = members[0].dtype
+    if not dtype.isnative or any(v.dtype != dtype or not v.flags.c_contiguous for v in members):
+        return None
+    start = position = members[0].__array_interface__["data"][0]
+    for values in members:
+        if values.size and values.__array_interface__["data"][0] != position:
+            return None
+        position += values.nbytes
+    root = _root(members[0])
+    if not root.flags.c_contiguous or any(_root(v) is not root for v in members if v.size):
+        return None
+    offset = start - root.__array_interface__["data"][0]
+    if offset < 0 or offset + (position - start) > root.nbytes:
+        return None
+    return root.reshape(-1).view(np.uint8)[offset : offset + position - start].view(dtype)
+
+
+def _root(values: np.ndarray) -> np.ndarray:
+    while isinstance(values.base, np.ndarray):
+        values = values.base
+    return values
+
+
+def _split_like(arrays: Mapping[str, Any], whole: np.ndarray) -> dict[str, np.ndarray]:
+    """`whole` (one element per element of `arrays`, in order) cut into arrays of their shapes (views)."""
+    return split_buffer([(name, tuple(values.shape)) for name, values in arrays.items()], whole)
 
 
 def to_bf16_bits(values: np.ndarray) -> np.ndarray:
@@ -155,11 +193,13 @@ def pack(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
                 {"name": name, "dtype": dtype_name, "shape": list(values.shape), "offset": offset}
             )
             offset += values.size
-        buffer = np.empty(offset, dtype=members[0][1].dtype.newbyteorder("="))
-        position = 0
-        for _, values in members:  # one copy of each tensor straight into its place
-            buffer[position : position + values.size] = values.reshape(-1)
-            position += values.size
+        buffer = back_to_back([values for _, values in members])
+        if buffer is None:  # one copy of each tensor straight into its place
+            buffer = np.empty(offset, dtype=members[0][1].dtype.newbyteorder("="))
+            position = 0
+            for _, values in members:
+                buffer[position : position + values.size] = values.reshape(-1)
+                position += values.size
         buffers[dtype_name] = buffer
     return _packed_record(tensors, buffers, meta)
 

@@ -11,6 +11,7 @@ checkpoint writer thread saves `latest/` (and every N rounds a numbered copy) wh
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -329,17 +330,20 @@ class FedTuneAvg(FedAvg):
 
 
 def average(updates: Mapping[int, State], weights: Mapping[int, float]) -> State | None:
-    """Σ (w_i / Σw) · update_i per tensor, into one new float32 array per tensor (the only allocation of
-    adapter size; one reply with all the weight is returned bit-exactly)."""
+    """Σ (w_i / Σw) · update_i, into one new float32 buffer cut into the tensors (the only allocation of
+    adapter size; one reply with all the weight is returned bit-exactly): `pack` then sends that buffer
+    as it is, without copying the tensors together again."""
     if not updates:
         return None
     total = sum(weights[n] for n in updates)
-    result: State = {}
+    layout = [(name, tuple(values.shape)) for name, values in next(iter(updates.values())).items()]
+    flat = np.empty(sum(math.prod(shape) for _, shape in layout), dtype=np.float32)
+    result = packing.split_buffer(layout, flat)
     for position, (node_id, update) in enumerate(updates.items()):
         share = np.float32(weights[node_id] / total)
-        for name, values in update.items():
+        for name, values in update.items():  # tensor by tensor: the temporaries stay cache-sized
             if position == 0:
-                result[name] = np.multiply(values, share, dtype=np.float32)
+                np.multiply(values, share, out=result[name], dtype=np.float32)
             else:
                 result[name] += values * share
     return result

@@ -314,3 +314,30 @@ def test_pack_buffer_is_pack_of_its_tensors():
     assert all(np.array_equal(split[name], state[name]) for name in state)
     with pytest.raises(packing.PackingError, match="layout covers 10 elements, the buffer holds 11"):
         packing.pack_buffer(layout, np.zeros(11, np.float32))
+
+
+def test_back_to_back_finds_one_buffer_only_when_the_tensors_are_its_consecutive_pieces():
+    buffer = np.arange(20, dtype=np.float32)
+    views = packing.split_buffer([("a", (2, 3)), ("empty", (0,)), ("b", (4,)), ("c", (10,))], buffer)
+    whole = packing.back_to_back(list(views.values()))
+    assert whole is not None and np.shares_memory(whole, buffer) and np.array_equal(whole, buffer)
+    middle = packing.back_to_back([views["b"], views["c"]])
+    assert middle is not None and np.array_equal(middle, buffer[6:])
+    assert packing.back_to_back([views["c"], views["b"]]) is None  # out of order
+    assert packing.back_to_back([views["a"], views["c"]]) is None  # a gap
+    assert packing.back_to_back([views["a"], views["b"].copy()]) is None  # another buffer
+    assert packing.back_to_back([buffer.reshape(4, 5)[:, :2]]) is None  # not contiguous
+    assert packing.back_to_back([views["a"], buffer[6:10].view(np.int32)]) is None  # another dtype
+    assert packing.back_to_back([torch.zeros(3)]) is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, packing.BF16_WIRE_DTYPE])
+def test_a_received_record_packs_and_decodes_the_same_as_separate_tensors(dtype):
+    state = random_state(11, np.float32)
+    wire = packing.encode(state, "bfloat16") if dtype is packing.BF16_WIRE_DTYPE else state
+    received = packing.unpack(through_the_wire(packing.pack(wire))).arrays
+    assert packing.back_to_back(list(received.values())) is not None
+    separate = {name: values.copy() for name, values in received.items()}
+    assert_bit_equal(packing.decode(received), packing.decode(separate))
+    again, expected = packing.pack(received), packing.pack(separate)
+    assert {k: again[k].data for k in again} == {k: expected[k].data for k in expected}
