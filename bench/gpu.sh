@@ -69,8 +69,8 @@ PY
     python3 -m bench.adapter_hop --work "$WORK" --profile "${HOP_PROFILE:-reference}" \
       --json "$RESULTS/adapter-hop${FED_TAG:-}.json" 2>&1 | grep -v -i "warn\|it/s\]" | tee "$RESULTS/adapter-hop${FED_TAG:-}.txt"
     ;;
-  compile-cache)  # CC_PROFILE (default fast), CC_PROCESSES (default 2)
-    python3 -m bench.compile_cache --work "$WORK" --profile "${CC_PROFILE:-fast}" --processes "${CC_PROCESSES:-2}" \
+  compile-cache)  # CC_PROFILE (default fast), CC_PROCESSES (default 2), CC_ARGS (e.g. --cache DIR)
+    python3 -m bench.compile_cache --work "$WORK" --profile "${CC_PROFILE:-fast}" --processes "${CC_PROCESSES:-2}" ${CC_ARGS:-} \
       --json "$RESULTS/compile-cache${FED_TAG:-}.json" 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]" \
       | tee "$RESULTS/compile-cache${FED_TAG:-}.txt"
     ;;
