@@ -1,10 +1,10 @@
 """A message's transfer time over a shaped link, against bytes / bandwidth (issue 12).
 
-The SuperLink and 2 SuperNodes in their own network namespaces (tests/reliability/test_netns.py's network:
-veth pairs on a bridge, DNS name, TLS), node 1's link shaped both ways with tc tbf at RATE, node 0's not; a
-77 MB adapter (the embedded SmolLM2-135M with LoRA r = 168: the 8B reference's bytes), 2 rounds. Each
-download and upload is timed by Flower's own `Receiving` / `Received successfully` / `Sending` / `Sent
-successfully` stamps in the SuperNodes' logs. Needs root (ip netns, tc).
+The SuperLink and 2 SuperNodes in their own network namespaces (bench/netns.py, the network that
+tests/reliability/test_netns.py tests: veth pairs on a bridge, DNS name, TLS), node 1's link shaped both
+ways with tc tbf at RATE, node 0's not; a 77 MB adapter (the embedded SmolLM2-135M with LoRA r = 168: the 8B
+reference's bytes), 2 rounds. Each download and upload is timed by Flower's own `Receiving` / `Received
+successfully` / `Sending` / `Sent successfully` stamps in the SuperNodes' logs. Needs root (ip netns, tc).
 
     python -m bench.tbf_transfer 50mbit
 """
@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import tests.reliability.test_netns as netns
+from bench import netns
 from bench.federation_timeline import supernode_stamps
+from bench.supernode_round import REPO
 from fedtune import embedded
 from fedtune.certs import generate
 
@@ -52,7 +53,6 @@ def main(argv: list[str] | None = None) -> None:
     rate = (argv if argv is not None else sys.argv[1:] or ["50mbit"])[0]
     if not rate.endswith("mbit"):
         raise SystemExit(f"RATE must be N mbit (tc's unit), got {rate!r}")
-    netns.SHAPED_RATE = rate
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     try:
@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> None:
         certs = generate(WORK / "certs", [netns.NAME, netns.SUPERLINK_IP, "localhost", "127.0.0.1"])
         fed = netns.NetnsFederation(WORK / "fed", extra_env={"OMP_NUM_THREADS": "1"})
         shutil.copytree(certs.ca_cert.parent, fed.certs_dir, dirs_exist_ok=True)
-        shaped = netns.shape(1)
+        shaped = netns.shape(1, rate)
         try:
             fed.start_superlink()
             nodes = {"supernode-0 (not shaped)": fed.node(0, "supernode-0", fed.address),
                      f"supernode-1 ({rate})": fed.node(1, "supernode-1", fed.address)}
-            run_id = fed.submit(netns.REPO, overrides=run_config())
+            run_id = fed.submit(REPO, overrides=run_config())
             info = fed.wait_for_run(run_id, 1500, poll=5)
             results = json.loads((fed.run_dir(run_id) / "results.json").read_text())
             message = results["rounds"][0]["sent_bytes_down"] / 2
