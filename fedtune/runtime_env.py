@@ -24,14 +24,15 @@ TRANSFER_CONCURRENCY_ENV: Mapping[str, str] = {
     "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES": "8",
 }
 
-# The size of the objects Flower cuts each array into (its default: 5 MiB). Every object costs the SuperLink
-# a request's worth of work whatever its size (its HTTP middleware, SQL for run status, object claim and
-# traffic, node authentication), and that work runs on one Python process for every node: with 16 MiB the
-# uploads of a reference round took 1.2-1.9 s instead of 2.2-2.5 s on an H200 host (bench/RESULTS.md). Read
-# by every process that sends arrays (the ServerApp, the ClientApp); a receiver takes any size. Capped below
-# the proxy's request limit (superlink/proxy.py).
+# The size of the objects Flower cuts each array into. Every object costs the SuperLink a request's worth of
+# work whatever its size (its HTTP middleware, SQL for run status, object claim and traffic, node
+# authentication) on one Python process for every node: 16 MiB shortened a reference round's uploads on an
+# H200 host (1.2-1.9 s instead of 2.2-2.5 s), but tripled a download over a 50 Mbit/s link (39-42 s instead of
+# 14 s, bench/RESULTS.md session 7), so the default stays Flower's 5 MiB and fast local links may raise it.
+# Read by every process that sends arrays (the ServerApp, the ClientApp); a receiver takes any size. Capped
+# below the proxy's request limit (superlink/proxy.py).
 CHUNK_ENV = "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"
-DEFAULT_CHUNK_BYTES = 16 * 2**20
+DEFAULT_CHUNK_BYTES = 5 * 2**20  # Flower's own
 MAX_CHUNK_BYTES = 24 * 2**20  # superlink/proxy.py refuses requests over 32 MiB
 
 

@@ -10,9 +10,9 @@ SuperLink over TLS, verified against the federation's CA; everything else is ans
 
 Facts from flwr 1.42's source the config is sized by: SuperNodes speak protobuf over HTTP/1.1 (httpx,
 unary POSTs, no streaming on the Fleet API) to `/v1/fleet/<kebab-name>` with no query string; arrays
-move in chunks of FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE (fedtune: 16 MiB, at most 24 MiB, fedtune.runtime_env)
-and a FAB is at most 10 MB; the client gives up after 30 s without progress, while the SuperLink may hold
-a request up to its SQLite busy timeout (60 s, superlink/flower_entry.py).
+move in chunks of FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE (Flower's 5 MiB by default, at most 24 MiB,
+fedtune.runtime_env) and a FAB is at most 10 MB; the client gives up after 30 s without progress, while
+the SuperLink may hold a request up to its SQLite busy timeout (60 s, superlink/flower_entry.py).
 
 One renderer for every deployment: `fedtune-superlink` (hosts, compose, LocalFederation) writes it to its
 runtime folder; the Helm chart uses the same text: `python -m superlink.proxy --print-config ...`.

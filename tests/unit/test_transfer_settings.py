@@ -1,5 +1,5 @@
 """fedtune.runtime_env's transfer settings reach Flower: every flwr process fedtune starts cuts arrays into
-16 MiB objects unless told otherwise, a bad value is one clear line, and Flower itself reads the value."""
+5 MiB objects (Flower's size) unless told otherwise, a bad value is one clear line, and Flower itself reads the value."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from fedtune.runtime_env import CHUNK_ENV, DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES,
 
 
 def test_default_and_override():
-    assert flwr_env({})[CHUNK_ENV] == str(DEFAULT_CHUNK_BYTES) == str(16 * 2**20)
-    assert flwr_env({CHUNK_ENV: "5242880"})[CHUNK_ENV] == "5242880"  # the operator's value wins
+    assert flwr_env({})[CHUNK_ENV] == str(DEFAULT_CHUNK_BYTES) == str(5 * 2**20)
+    assert flwr_env({CHUNK_ENV: "16777216"})[CHUNK_ENV] == "16777216"  # the operator's value wins
     assert flwr_env({}, **{CHUNK_ENV: "1048576"})[CHUNK_ENV] == "1048576"
 
 
@@ -42,5 +42,5 @@ def count_chunks(env: dict[str, str], nbytes: int) -> int:
 def test_flower_cuts_arrays_as_the_environment_says():
     nbytes = 40 * 2**20  # half a reference adapter message
     base = {name: value for name, value in os.environ.items() if name != CHUNK_ENV}
-    assert count_chunks(flwr_env(base), nbytes) == 3  # 16 + 16 + 8 MiB
-    assert count_chunks(flwr_env({**base, CHUNK_ENV: str(5 * 2**20)}), nbytes) == 9  # Flower's 5 MiB
+    assert count_chunks(flwr_env(base), nbytes) == 9  # Flower's 5 MiB: 8 of them and the .npy header's bytes
+    assert count_chunks(flwr_env({**base, CHUNK_ENV: str(16 * 2**20)}), nbytes) == 3  # 16 + 16 + 8 MiB
