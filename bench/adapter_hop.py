@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from bench.federation import machine
-from bench.supernode_round import base_run_config, profile_overrides
+from bench.supernode_round import base_run_config, profile_overrides, round_config_for
 from fedtune.runtime_env import silence_flwr
 
 
@@ -59,16 +59,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from fedtune import model as fedtune_model
     from fedtune import packing
     from fedtune.config import FedTuneConfig
-    from fedtune.round_config import RoundConfig
 
     cfg = FedTuneConfig.from_run_config(base_run_config(args.work, profile_overrides(args.profile)))
     device = fedtune_model.pick_device()
     model = fedtune_model.load_trainable_model(cfg.model, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    round_config = RoundConfig(
-        server_round=1, learning_rate=cfg.learning_rate(1), transport_dtype=cfg.model.transport_dtype,
-        transport=cfg.comm.transport, codec={}, sent_at=time.time(),
-    )
+    round_config = round_config_for(cfg, 1)
     record = adapter_out(model, round_config)
     state = fedtune_model.adapter_state(model)
 

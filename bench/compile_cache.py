@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.federation import machine
-from bench.supernode_round import REPO, base_run_config, load_global_arrays, node_config, profile_overrides
+from bench.supernode_round import (
+    REPO,
+    base_run_config,
+    load_global_arrays,
+    node_config,
+    profile_overrides,
+    round_config_for,
+)
 from fedtune.runtime_env import flwr_env, silence_flwr
 
 COUNTER_GROUPS = ("inductor", "aot_autograd")
@@ -43,7 +50,6 @@ def child(args: argparse.Namespace) -> None:
 
     from clientapp.round import NodeCache, run_round
     from fedtune.config import FedTuneConfig
-    from fedtune.round_config import RoundConfig
 
     overrides = profile_overrides(args.profile)
     if args.steps:
@@ -55,17 +61,14 @@ def child(args: argparse.Namespace) -> None:
     arrays = load_global_arrays(args.work, cfg.model.transport_dtype)
     rounds: list[dict[str, Any]] = []
     for server_round in (1, 2):
-        round_config = RoundConfig(
-            server_round=server_round, learning_rate=cfg.learning_rate(server_round),
-            transport_dtype=cfg.model.transport_dtype, transport=cfg.comm.transport, codec={},
-            sent_at=time.time(),
-        )
+        round_config = round_config_for(cfg, server_round)
         arrays, metrics, _ = run_round(cfg, node_config(args.work), round_config, arrays, cache)
-        rounds.append(
-            {"train_seconds": metrics["train-seconds"], "setup_seconds": metrics["time-trainer-setup"]}
-        )
-        # seconds torch.compile spent so far, per timed function (Dynamo tracing, AOT autograd, Inductor, ...)
-        rounds[-1]["compile_seconds"] = {name: sum(times) for name, times in compilation_time_metrics.items()}
+        rounds.append({
+            "train_seconds": metrics["train-seconds"],
+            "setup_seconds": metrics["time-trainer-setup"],
+            # seconds torch.compile spent so far, per timed function (Dynamo, AOT autograd, Inductor, ...)
+            "compile_seconds": {name: sum(times) for name, times in compilation_time_metrics.items()},
+        })
     found = {
         f"{group}.{key}": count
         for group in COUNTER_GROUPS

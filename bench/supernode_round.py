@@ -113,6 +113,17 @@ def prepare(out: Path, tiny: bool | str, device: str) -> None:
     print(f"adapter: {len(state)} tensors, {numel:,} params = {numel * 4 / 1e6:.2f} MB fp32", flush=True)
 
 
+def round_config_for(cfg, server_round: int):
+    """The round config the ServerApp sends for `server_round` of this run config (no codec), stamped now."""
+    from fedtune.round_config import RoundConfig
+
+    return RoundConfig(
+        server_round=server_round, learning_rate=cfg.learning_rate(server_round),
+        transport_dtype=cfg.model.transport_dtype, transport=cfg.comm.transport, codec={},
+        sent_at=time.time(),
+    )
+
+
 def load_global_arrays(out: Path, transport_dtype: str = "float32"):
     """The global adapter as the ClientApp receives it (fp32, or bf16 bit patterns)."""
     from collections import OrderedDict
