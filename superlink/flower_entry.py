@@ -15,15 +15,20 @@ runs, node keys and logs stay in the file. `database` keeps Flower's behaviour.
 
 The SuperLink starts its SuperExec as `flower-superexec`; we start `fedtune.prestart serverapp`
 instead (the same CLI, with the next run's ServerApp process started and its imports done before the run
-is submitted: 15-21 s on an H200 host) unless FEDTUNE_SERVERAPP_PRESTART=0. Everything else is Flower's
-own CLI.
+is submitted: 15-21 s on an H200 host) unless FEDTUNE_SERVERAPP_PRESTART=0.
+
+Flower runs uvicorn with its 5 s keep-alive; ours is SUPERLINK_KEEP_ALIVE_S, so the Fleet proxy always
+closes an idle connection first (superlink/proxy.py says why). Everything else is Flower's own CLI.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from types import ModuleType, SimpleNamespace
 from typing import Any, cast
+
+from superlink.proxy import SUPERLINK_KEEP_ALIVE_S
 
 DEFAULT_BUSY_TIMEOUT_MS = 60_000
 OBJECT_STORE_ENV = "FEDTUNE_OBJECT_STORE"
@@ -48,11 +53,20 @@ def keep_objects_in_memory() -> None:
     cast(Any, config_loader).ObjectStoreFactory = lambda _database: ObjectStoreFactory(FLWR_IN_MEMORY_DB_NAME)
 
 
+def outlast_the_proxy(superlink_cli: ModuleType) -> None:
+    """Flower's `uvicorn.run(...)` (its only use of uvicorn), with our keep-alive."""
+    import functools
+
+    import uvicorn
+
+    run = functools.partial(uvicorn.run, timeout_keep_alive=SUPERLINK_KEEP_ALIVE_S)
+    cast(Any, superlink_cli).uvicorn = SimpleNamespace(run=run)
+
+
 def main() -> None:
     import importlib
 
     import flwr.supercore.sql_mixin as sql_mixin
-    from flwr.superlink.cli import flower_superlink
 
     from fedtune.logs import run_with_logging
     from fedtune.prestart import prestarting_subprocess
@@ -66,11 +80,12 @@ def main() -> None:
     )
     if object_store() == "memory":
         keep_objects_in_memory()
+    # the module, not the function of the same name its package exports
+    superlink_cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    outlast_the_proxy(superlink_cli)
     if env_tristate(PRESTART_ENV) is not False:  # on unless set to 0/false
-        # the module, not the function of the same name its package exports
-        superlink_cli: Any = importlib.import_module("flwr.superlink.cli.flower_superlink")
-        superlink_cli.subprocess = prestarting_subprocess("flwr-serverapp")
-    run_with_logging(flower_superlink, ["flower-superlink", *sys.argv[1:]])
+        cast(Any, superlink_cli).subprocess = prestarting_subprocess("flwr-serverapp")
+    run_with_logging(superlink_cli.flower_superlink, ["flower-superlink", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -44,7 +44,13 @@ TIMEOUT_S = 300
 # The Fleet API's endpoints are lowercase kebab-case names; nothing else (no "..", no %-escapes, no
 # query string) is forwarded, whatever the SuperLink's router would make of it.
 FLEET_URI = r"^/v1/fleet/[a-z0-9-]+$"
-UPSTREAM_IDLE_S = 3  # below uvicorn's timeout_keep_alive (5 s), which flwr 1.42 leaves at its default
+# nginx drops an idle upstream connection after UPSTREAM_IDLE_S; the SuperLink's uvicorn must never drop one
+# first, or nginx sends the next request on a connection uvicorn is closing and it hangs until the
+# SuperNode's 30 s timeout. uvicorn arms its keep-alive timer when a response is handed to its socket
+# buffer, not when nginx has read it: a 16 MiB chunk to a node on a 50 Mbit/s link takes ~3 s more to
+# drain, so Flower's 5 s would race. superlink/flower_entry.py runs uvicorn with SUPERLINK_KEEP_ALIVE_S.
+UPSTREAM_IDLE_S = 3
+SUPERLINK_KEEP_ALIVE_S = 3600
 TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 

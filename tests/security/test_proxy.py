@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -43,7 +45,8 @@ def test_config_allows_only_fleet_and_health(tmp_path):
     assert "proxy_ssl_verify on;" in text and "proxy_ssl_name localhost;" in text
     assert "server 127.0.0.1:9000;" in text and "listen 0.0.0.0:8000 ssl;" in text
     assert "client_max_body_size 32m;" in text  # array chunks of at most 24 MiB, 10 MB FABs
-    assert "keepalive_timeout 3s;" in text  # under uvicorn's 5 s idle close: no 502 on a reused connection
+    assert f"keepalive_timeout {proxy.UPSTREAM_IDLE_S}s;" in text
+    assert proxy.UPSTREAM_IDLE_S < proxy.SUPERLINK_KEEP_ALIVE_S
 
 
 def test_print_config_cli_is_the_same_text(tmp_path):
@@ -145,6 +148,41 @@ def test_public_port_refuses_control_while_loopback_serves_it(tmp_path):
         done = fed.flwr("ls", "public", "--format", "json")
         assert done.returncode != 0 or '"success": false' in done.stdout
         assert "403" in done.stdout + done.stderr, done.stdout + done.stderr
+    finally:
+        fed.stop()
+
+
+def _get_health(conn: ssl.SSLSocket) -> bytes:
+    """One GET /health on an open keep-alive connection; the response's status line."""
+    conn.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    received = b""
+    while b"\r\n\r\n" not in received:
+        piece = conn.recv(65536)
+        if not piece:
+            raise ConnectionError(f"the SuperLink closed the connection (got {received!r})")
+        received += piece
+    head, body = received.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head.split(b"\r\n")[0]
+
+
+def test_superlink_keeps_an_idle_connection_longer_than_the_proxy(tmp_path):
+    """uvicorn arms its idle timer when a response is handed to its socket, not when the proxy has read it;
+    with Flower's 5 s, a chunk still draining to a slow node made nginx reuse a connection uvicorn was
+    closing, and the node's request hung for its 30 s timeout. The SuperLink must outlast nginx's idle
+    close by far: one connection, two requests UPSTREAM_IDLE_S + 4 s apart (past Flower's 5 s)."""
+    fed = LocalFederation(tmp_path / "fed")
+    try:
+        fed.start_superlink()
+        context = ssl.create_default_context(cafile=str(fed.ca_cert))
+        with socket.create_connection(("127.0.0.1", fed.internal_port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname=proxy.UPSTREAM_TLS_NAME) as conn:
+            assert _get_health(conn).endswith(b"200 OK")
+            time.sleep(proxy.UPSTREAM_IDLE_S + 4)
+            assert _get_health(conn).endswith(b"200 OK")
     finally:
         fed.stop()
 
