@@ -7,6 +7,7 @@
 #                                 # 2 SuperNodes with warm trainers, flwr run; FED_RUNS, FED_ROUNDS, FED_ARGS
 #   bash bench/gpu.sh adapter-hop # the warm trainer's adapter in/out of the model alone (bench/adapter_hop.py)
 #   bash bench/gpu.sh compile-cache # 2 fresh trainer processes sharing a compile cache: does round 1 recompile?
+#                                   # (CC_PYSPY=HZ: profiled with py-spy, bench/pyspy_top.py sums it up)
 #   bash bench/gpu.sh smoke       # versions + the model: check the install, nothing else
 # Results: $OUT (or bench/out/results), the model and data in $BENCH_WORK (default /tmp/fedtune-bench).
 set -uo pipefail
@@ -70,9 +71,17 @@ PY
       --json "$RESULTS/adapter-hop${FED_TAG:-}.json" 2>&1 | grep -v -i "warn\|it/s\]" | tee "$RESULTS/adapter-hop${FED_TAG:-}.txt"
     ;;
   compile-cache)  # CC_PROFILE (default fast), CC_PROCESSES (default 2), CC_ARGS (e.g. --cache DIR)
-    python3 -m bench.compile_cache --work "$WORK" --profile "${CC_PROFILE:-fast}" --processes "${CC_PROCESSES:-2}" ${CC_ARGS:-} \
+    # CC_PYSPY=HZ: every process sampled by py-spy (a carried wheel), summed up by bench/pyspy_top.py
+    wrap=()
+    [ -n "${CC_PYSPY:-}" ] && wrap=(py-spy record --subprocesses --rate "$CC_PYSPY" --format raw -o /tmp/cc-pyspy.raw --)
+    "${wrap[@]}" python3 -m bench.compile_cache --work "$WORK" --profile "${CC_PROFILE:-fast}" --processes "${CC_PROCESSES:-2}" ${CC_ARGS:-} \
       --json "$RESULTS/compile-cache${FED_TAG:-}.json" 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]" \
       | tee "$RESULTS/compile-cache${FED_TAG:-}.txt"
+    if [ -n "${CC_PYSPY:-}" ]; then
+      python3 -m bench.pyspy_top /tmp/cc-pyspy.raw --top 40 > "$RESULTS/compile-cache-pyspy${FED_TAG:-}.txt"
+      python3 -m bench.pyspy_top /tmp/cc-pyspy.raw --top 40 --min-share 0 --focus load_by_key_path \
+        >> "$RESULTS/compile-cache-pyspy${FED_TAG:-}.txt"  # what loading the cached module costs
+    fi
     ;;
   smoke)
     python3 -c "import flwr, bitsandbytes, trl; print('imports ok')" && command -v flower-superlink flwr nginx
