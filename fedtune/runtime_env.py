@@ -26,9 +26,10 @@ TRANSFER_CONCURRENCY_ENV: Mapping[str, str] = {
 
 # The size of the objects Flower cuts each array into. Every object costs the SuperLink a request's worth of
 # work whatever its size (its HTTP middleware, SQL for run status, object claim and traffic, node
-# authentication) on one Python process for every node: 16 MiB shortened a reference round's uploads on an
-# H200 host (1.2-1.9 s instead of 2.2-2.5 s), but tripled a download over a 50 Mbit/s link (39-42 s instead of
-# 14 s, bench/RESULTS.md session 7), so the default stays Flower's 5 MiB and fast local links may raise it.
+# authentication) on one Python process for every node, yet fewer objects also move less in parallel: on an
+# H200 host 16 MiB made a reference round's non-training 7.1 s against 5.4-6.0 s with 5 MiB (the ServerApp's
+# push 1.95 s against 0.90 s; bench/RESULTS.md session 8), so the default stays Flower's 5 MiB. Larger
+# chunks are safe on slow links since the SuperLink outlasts the proxy's keep-alive (superlink/proxy.py).
 # Read by every process that sends arrays (the ServerApp, the ClientApp); a receiver takes any size. Capped
 # below the proxy's request limit (superlink/proxy.py).
 CHUNK_ENV = "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"

@@ -134,8 +134,8 @@ http {{
     upstream fedtune_superlink {{
         server {_listen(cfg.upstream_host, cfg.upstream_port)};
         keepalive 16;
-        # uvicorn closes an idle keep-alive connection after 5 s; nginx must drop it first, or a POST
-        # sent on a connection uvicorn is closing fails with 502 ("upstream prematurely closed")
+        # nginx must drop an idle connection before the SuperLink (which waits {SUPERLINK_KEEP_ALIVE_S} s)
+        # does, or a request sent on a connection uvicorn is closing hangs ("upstream prematurely closed")
         keepalive_timeout {UPSTREAM_IDLE_S}s;
     }}
 
