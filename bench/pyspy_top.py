@@ -65,7 +65,7 @@ def summary(path: Path, top: int, min_share: float, focus: str | None = None) ->
     total_all = sum(n for stacks in per_process.values() for _, n in stacks)
     for process, stacks in sorted(per_process.items(), key=lambda item: -sum(n for _, n in item[1])):
         total = sum(n for _, n in stacks)
-        if total < min_share * total_all:
+        if total == 0 or total < min_share * total_all:
             continue
         inclusive: Counter[str] = Counter()
         own: Counter[str] = Counter()
@@ -75,8 +75,6 @@ def summary(path: Path, top: int, min_share: float, focus: str | None = None) ->
                 inclusive[key] += n
             if keys:
                 own[keys[-1]] += n
-        if total == 0:
-            continue
         under = f" under {focus!r}" if focus else ""
         lines.append(f"== {process[:160]}: {total} samples{under}")
         lines.append("  inclusive:")
