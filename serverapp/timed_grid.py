@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from flwr.app import Message, RecordDict
     from flwr.supercore.run import Run
 
-REPLY_POLL_SECONDS = 0.25
+REPLY_POLL_SECONDS = 0.1
 
 
 @dataclass

@@ -17,6 +17,10 @@ The SuperLink starts its SuperExec as `flower-superexec`; we start `fedtune.pres
 instead (the same CLI, with the next run's ServerApp process started and its imports done before the run
 is submitted: 15-21 s on an H200 host) unless FEDTUNE_SERVERAPP_PRESTART=0.
 
+A pull of an object still on its way (a node's download running alongside the ServerApp's push, the
+ServerApp's pull of a reply being uploaded) waits for it at the store instead of coming back empty for a
+retry (fedtune.object_waits; FEDTUNE_OBJECT_WAIT_SECONDS, 0 for Flower's behaviour).
+
 Flower runs uvicorn with its 5 s keep-alive; ours is SUPERLINK_KEEP_ALIVE_S, so the Fleet proxy always
 closes an idle connection first (superlink/proxy.py says why). Everything else is Flower's own CLI.
 """
@@ -28,6 +32,7 @@ import sys
 from types import ModuleType, SimpleNamespace
 from typing import Any, cast
 
+from fedtune.errors import one_line_errors
 from superlink.proxy import SUPERLINK_KEEP_ALIVE_S
 
 DEFAULT_BUSY_TIMEOUT_MS = 60_000
@@ -63,12 +68,14 @@ def outlast_the_proxy(superlink_cli: ModuleType) -> None:
     cast(Any, superlink_cli).uvicorn = SimpleNamespace(run=run)
 
 
+@one_line_errors
 def main() -> None:
     import importlib
 
     import flwr.supercore.sql_mixin as sql_mixin
 
     from fedtune.logs import run_with_logging
+    from fedtune.object_waits import wait_for_objects_in_pulls
     from fedtune.prestart import prestarting_subprocess
     from fedtune.runtime_env import env_tristate
 
@@ -80,6 +87,7 @@ def main() -> None:
     )
     if object_store() == "memory":
         keep_objects_in_memory()
+    wait_for_objects_in_pulls()
     # the module, not the function of the same name its package exports
     superlink_cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
     outlast_the_proxy(superlink_cli)

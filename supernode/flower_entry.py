@@ -3,9 +3,12 @@
 Flower 1.42's SuperNode sleeps a fixed 3 s whenever a poll of the SuperLink finds no message, and 0.5 s
 between checks for the ClientApp's reply and for its content: a round's message waits 1.5 s on average (up
 to 3 s) before the node even starts to download it, and the reply up to 0.5 s before the upload starts
-(bench/federation.py shows both hops). We poll every FEDTUNE_SUPERNODE_POLL_SECONDS (default 1 s: one small
-HTTPS request per second per idle node) and check for the reply every 0.1 s (an in-memory lookup). Object
-pulls retry within 0.25 s (fedtune.flower_pulls).
+(bench/federation.py shows both hops). We poll every FEDTUNE_SUPERNODE_POLL_SECONDS (default 0.5 s: one
+small HTTPS request every half second per idle node) and check for the reply every 0.05 s (an in-memory
+lookup). A poll may find a message whose chunks the ServerApp is still pushing: the SuperLink holds each
+early pull until its chunk is in (fedtune.object_waits), so the download runs alongside the push instead
+of retrying against it. Object pulls that do come back empty retry within 0.25 s (fedtune.flower_pulls).
+The ClientApp's pulls from this SuperNode wait the same way for the download to be stored.
 
 The SuperNode starts its SuperExec as `flower-superexec`; we start `fedtune.prestart clientapp`
 instead (the same CLI, with a ClientApp process started before each message) unless
@@ -20,9 +23,11 @@ import sys
 import time
 from types import SimpleNamespace
 
+from fedtune.errors import one_line_errors
+
 POLL_ENV = "FEDTUNE_SUPERNODE_POLL_SECONDS"
-DEFAULT_POLL_S = 1.0
-REPLY_CHECK_S = 0.1
+DEFAULT_POLL_S = 0.5
+REPLY_CHECK_S = 0.05
 _FLWR_IDLE_S = 3  # the literal waits in flwr.supernode.start_client_internal
 _FLWR_REPLY_S = 0.5
 PRESTART_ENV = "FEDTUNE_CLIENTAPP_PRESTART"
@@ -54,17 +59,20 @@ def poll_seconds() -> float:
     return value
 
 
+@one_line_errors
 def main() -> None:
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli import flower_supernode
 
     from fedtune.flower_pulls import retry_pulls_sooner
     from fedtune.logs import run_with_logging
+    from fedtune.object_waits import wait_for_objects_in_pulls
     from fedtune.prestart import prestarting_subprocess
     from fedtune.runtime_env import env_tristate
 
     internal.time = patched_clock(poll_seconds())  # type: ignore[assignment]
     retry_pulls_sooner()  # a message is listed before the ServerApp has pushed all its chunks
+    wait_for_objects_in_pulls()  # the ClientApp's pulls, while this node still downloads
     if env_tristate(PRESTART_ENV) is not False:  # on unless set to 0/false
         internal.subprocess = prestarting_subprocess("flwr-clientapp")  # type: ignore[assignment]
     run_with_logging(flower_supernode, ["flower-supernode", *sys.argv[1:]])

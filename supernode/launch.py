@@ -32,7 +32,7 @@ from supernode.warm_trainer import private_socket
 
 DEFAULT_CLIENTAPP_PORT = 9094
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-DEFAULT_SUPEREXEC_POLL_S = "0.2"
+DEFAULT_SUPEREXEC_POLL_S = "0.1"
 ORDINAL_RE = re.compile(r"-(\d+)$")
 
 
