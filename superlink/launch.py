@@ -15,7 +15,8 @@ plain HTTP on --host:--port directly, every API exposed.
 Every flag also reads an environment variable (container and chart friendly):
 FEDTUNE_CERTS_DIR, FEDTUNE_DATABASE, FEDTUNE_OBJECT_STORE, FEDTUNE_HOST, FEDTUNE_PORT, FEDTUNE_INTERNAL_PORT,
 FEDTUNE_HEALTH_PORT, FEDTUNE_PROXY (1/0), FEDTUNE_PROXY_DIR, FEDTUNE_SUPERNODE_AUTH (1/0),
-FEDTUNE_INSECURE (1/0), FEDTUNE_SERVERAPP_PRESTART (0 = --cold-serverapp).
+FEDTUNE_INSECURE (1/0), FEDTUNE_SERVERAPP_PRESTART (0 = --cold-serverapp); FEDTUNE_OBJECT_WAIT_SECONDS
+(how long an early pull waits for its object, fedtune/object_waits.py).
 
 SuperNode authentication is ON by default over TLS: only SuperNodes whose public keys were registered
 (`fedtune-keys generate` + `fedtune-keys register`, see fedtune/auth.py) may join. Turn it off explicitly
@@ -43,6 +44,7 @@ from fedtune.certs import DEFAULT_SANS, TlsFiles, certificate_sans, check_server
 from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.logs import configure_logging
 from fedtune.metrics.sidecar import start_sidecar
+from fedtune.object_waits import object_wait_seconds
 from fedtune.preflight import OneLineParser, env_port, port_arg, port_or_zero_arg
 from fedtune.process import adopt_orphans, die_with_parent, our_children
 from fedtune.runtime_env import env_flag, env_tristate, find_executable, flwr_env, passthrough
@@ -159,6 +161,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
     if args.object_store not in OBJECT_STORES:  # from FEDTUNE_OBJECT_STORE: argparse checks flags only
         choices = ", ".join(OBJECT_STORES)
         raise FedTuneError(f"--object-store must be one of {choices}, got {args.object_store!r}")
+    object_wait_seconds()  # FEDTUNE_OBJECT_WAIT_SECONDS=soon: one line here, before the proxy starts
     cmd = [
         "flower-superlink",
         "--database", str(args.database),

@@ -24,6 +24,7 @@ from clientapp.warm.protocol import SOCKET_NODE_CONFIG_KEY
 from fedtune.certs import check_ca_file
 from fedtune.dataset import check_local_data
 from fedtune.errors import FedTuneError, one_line_errors
+from fedtune.object_waits import object_wait_seconds
 from fedtune.preflight import OneLineParser, env_int, env_port, port_arg
 from fedtune.runtime_env import env_flag, env_tristate, find_executable, flwr_env, passthrough, require_file
 from supernode import warm_trainer
@@ -153,6 +154,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
     if ":" not in args.superlink:
         raise FedTuneError(f"--superlink must be HOST:PORT, got {args.superlink!r}")
     partition = resolve_partition(args)
+    object_wait_seconds()  # FEDTUNE_OBJECT_WAIT_SECONDS=soon: one line here, before the trainer starts
     cmd = [
         "flower-supernode",
         "--superlink", args.superlink,

@@ -49,6 +49,9 @@ def test_superlink_ports(certs, tmp_path):
         launch("superlink", *base, "--port", "9000", "--internal-port", "9000")
     )
     assert "unrecognized arguments: --bogus" in one_line(launch("superlink", *base, "--bogus"))
+    assert "FEDTUNE_OBJECT_WAIT_SECONDS must be a number of seconds, got 'soon'" in one_line(
+        launch("superlink", *base, "--dry-run", env={"FEDTUNE_OBJECT_WAIT_SECONDS": "soon"})
+    )
 
 
 def test_superlink_needs_loopback_in_the_server_certificate(tmp_path):
@@ -75,6 +78,9 @@ def test_supernode_env_and_ports(certs):
     )
     assert "FEDTUNE_CLIENTAPP_PORT must be an integer" in one_line(
         launch("supernode", *base, "--partition-id", "0", env={"FEDTUNE_CLIENTAPP_PORT": "abc"})
+    )
+    assert "FEDTUNE_OBJECT_WAIT_SECONDS must be from 0 to 10 s, got 30" in one_line(
+        launch("supernode", *base, "--partition-id", "0", env={"FEDTUNE_OBJECT_WAIT_SECONDS": "30"})
     )
 
 
