@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fedtune.errors import FedTuneError
 
 OBJECT_WAIT_ENV = "FEDTUNE_OBJECT_WAIT_SECONDS"
 DEFAULT_OBJECT_WAIT_S = 1.0
-MAX_OBJECT_WAIT_S = 10.0  # well inside every HTTP timeout on the way (httpx 30 s, the proxy's)
+MAX_OBJECT_WAIT_S = 10.0  # well inside the HTTP timeouts on the way (a node's httpx 30 s, nginx's > 60 s)
 MAX_WAITERS = 16
 
 _arrivals = threading.Condition()
@@ -37,7 +37,7 @@ _waiters = threading.BoundedSemaphore(MAX_WAITERS)
 _PATCHED = "_fedtune_waits_for_objects"
 
 
-def object_wait_seconds(env: dict[str, str] | os._Environ[str] = os.environ) -> float:
+def object_wait_seconds(env: Mapping[str, str] = os.environ) -> float:
     raw = env.get(OBJECT_WAIT_ENV, "").strip()
     try:
         value = float(raw) if raw else DEFAULT_OBJECT_WAIT_S
