@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fedtune.errors import FedTuneError
+from fedtune.preflight import env_seconds
 
 OBJECT_WAIT_ENV = "FEDTUNE_OBJECT_WAIT_SECONDS"
 DEFAULT_OBJECT_WAIT_S = 1.0
@@ -38,14 +38,7 @@ _PATCHED = "_fedtune_waits_for_objects"
 
 
 def object_wait_seconds(env: Mapping[str, str] = os.environ) -> float:
-    raw = env.get(OBJECT_WAIT_ENV, "").strip()
-    try:
-        value = float(raw) if raw else DEFAULT_OBJECT_WAIT_S
-    except ValueError:
-        raise FedTuneError(f"{OBJECT_WAIT_ENV} must be a number of seconds, got {raw!r}") from None
-    if not 0 <= value <= MAX_OBJECT_WAIT_S:
-        raise FedTuneError(f"{OBJECT_WAIT_ENV} must be from 0 to {MAX_OBJECT_WAIT_S:g} s, got {value:g}")
-    return value
+    return env_seconds(OBJECT_WAIT_ENV, DEFAULT_OBJECT_WAIT_S, 0, MAX_OBJECT_WAIT_S, env)
 
 
 def _announcing(put: Callable[..., None]) -> Callable[..., None]:
@@ -87,13 +80,15 @@ def wait_for_objects_in_pulls() -> float:
     from flwr.supercore.object_store.sql_object_store import SqlObjectStore
 
     for store_class in (InMemoryObjectStore, SqlObjectStore):
-        if not getattr(store_class.put, _PATCHED, False):
-            put = _announcing(store_class.put)
-            setattr(put, _PATCHED, True)
-            store_class.put = put  # type: ignore[method-assign]
+        _wrap_once(store_class, "put", _announcing)
     for state_class in (InMemoryCoreState, SqlCoreState):
-        if not getattr(state_class.get_object, _PATCHED, False):
-            get_object = _waiting(state_class.get_object, wait_s)
-            setattr(get_object, _PATCHED, True)
-            state_class.get_object = get_object  # type: ignore[method-assign]
+        _wrap_once(state_class, "get_object", lambda get_object: _waiting(get_object, wait_s))
     return wait_s
+
+
+def _wrap_once(cls: type, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    method = getattr(cls, name)
+    if not getattr(method, _PATCHED, False):
+        wrapped = wrap(method)
+        setattr(wrapped, _PATCHED, True)
+        setattr(cls, name, wrapped)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from typing import NoReturn
 
 from fedtune.errors import FedTuneError
@@ -54,6 +55,20 @@ def env_int(name: str, default: int | None = None) -> int | None:
     if not value.strip():
         return default
     return _int(value, name)
+
+
+def env_seconds(
+    name: str, default: float, low: float, high: float, env: Mapping[str, str] = os.environ
+) -> float:
+    """A duration in seconds from an environment variable (unset or empty: `default`), `low` to `high`."""
+    raw = env.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise FedTuneError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not low <= value <= high:
+        raise FedTuneError(f"{name} must be from {low:g} to {high:g} s, got {value:g}")
+    return value
 
 
 def env_port(name: str, default: int, allow_zero: bool = False) -> int:

@@ -18,12 +18,12 @@ Everything else is Flower's own CLI.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from types import SimpleNamespace
 
-from fedtune.errors import one_line_errors
+from fedtune.errors import FedTuneError, one_line_errors
+from fedtune.preflight import env_seconds
 
 POLL_ENV = "FEDTUNE_SUPERNODE_POLL_SECONDS"
 DEFAULT_POLL_S = 0.5
@@ -49,14 +49,10 @@ def patched_clock(poll: float) -> SimpleNamespace:
 
 
 def poll_seconds() -> float:
-    raw = os.environ.get(POLL_ENV, "").strip()
     try:
-        value = float(raw) if raw else DEFAULT_POLL_S
-    except ValueError:
-        raise SystemExit(f"error: {POLL_ENV} must be a number of seconds, got {raw!r}") from None
-    if not 0.05 <= value <= 60:
-        raise SystemExit(f"error: {POLL_ENV} must be between 0.05 and 60 s, got {value}")
-    return value
+        return env_seconds(POLL_ENV, DEFAULT_POLL_S, 0.05, 60)
+    except FedTuneError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 @one_line_errors
