@@ -21,6 +21,9 @@ A pull of an object still on its way (a node's download running alongside the Se
 ServerApp's pull of a reply being uploaded) waits for it at the store instead of coming back empty for a
 retry (fedtune.object_waits; FEDTUNE_OBJECT_WAIT_SECONDS, 0 for Flower's behaviour).
 
+Flower's middleware sees each request body whole instead of in 64 KiB pieces (fedtune.whole_body;
+FEDTUNE_WHOLE_BODY=0 for Flower's stack as it is).
+
 Flower runs uvicorn with its 5 s keep-alive; ours is SUPERLINK_KEEP_ALIVE_S, so the Fleet proxy always
 closes an idle connection first (superlink/proxy.py says why). Everything else is Flower's own CLI.
 """
@@ -78,6 +81,7 @@ def main() -> None:
     from fedtune.object_waits import wait_for_objects_in_pulls
     from fedtune.prestart import prestarting_subprocess
     from fedtune.runtime_env import env_tristate
+    from fedtune.whole_body import read_bodies_whole_in_superlink
 
     timeout_ms = int(os.environ.get("FEDTUNE_SQLITE_BUSY_TIMEOUT_MS", DEFAULT_BUSY_TIMEOUT_MS))
     # read per connection by sql_mixin._set_sqlite_pragmas, so replacing the module global suffices
@@ -88,6 +92,7 @@ def main() -> None:
     if object_store() == "memory":
         keep_objects_in_memory()
     wait_for_objects_in_pulls()
+    read_bodies_whole_in_superlink()
     # the module, not the function of the same name its package exports
     superlink_cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
     outlast_the_proxy(superlink_cli)

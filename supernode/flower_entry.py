@@ -8,7 +8,8 @@ small HTTPS request every half second per idle node) and check for the reply eve
 lookup). A poll may find a message whose chunks the ServerApp is still pushing: the SuperLink holds each
 early pull until its chunk is in (fedtune.object_waits), so the download runs alongside the push instead
 of retrying against it. Object pulls that do come back empty retry within 0.25 s (fedtune.flower_pulls).
-The ClientApp's pulls from this SuperNode wait the same way for the download to be stored.
+The ClientApp's pulls from this SuperNode wait the same way for the download to be stored, and its pushes
+reach Flower's middleware as whole bodies (fedtune.whole_body).
 
 The SuperNode starts its SuperExec as `flower-superexec`; we start `fedtune.prestart clientapp`
 instead (the same CLI, with a ClientApp process started before each message) unless
@@ -65,10 +66,12 @@ def main() -> None:
     from fedtune.object_waits import wait_for_objects_in_pulls
     from fedtune.prestart import prestarting_subprocess
     from fedtune.runtime_env import env_tristate
+    from fedtune.whole_body import read_bodies_whole_in_supernode
 
     internal.time = patched_clock(poll_seconds())  # type: ignore[assignment]
     retry_pulls_sooner()  # a message is listed before the ServerApp has pushed all its chunks
     wait_for_objects_in_pulls()  # the ClientApp's pulls, while this node still downloads
+    read_bodies_whole_in_supernode()  # the ClientApp's pushes of its reply
     if env_tristate(PRESTART_ENV) is not False:  # on unless set to 0/false
         internal.subprocess = prestarting_subprocess("flwr-clientapp")  # type: ignore[assignment]
     run_with_logging(flower_supernode, ["flower-supernode", *sys.argv[1:]])
