@@ -39,6 +39,8 @@ UPSTREAM_TLS_NAME = "localhost"
 # Array chunks (at most fedtune.runtime_env.MAX_CHUNK_BYTES, 24 MiB) and 10 MB FABs, plus protobuf framing;
 # a larger body is refused with 413.
 MAX_BODY = "32m"
+# How much of a body nginx moves between a node and the SuperLink at a time (buffering is off both ways).
+STREAM_BUFFER = "256k"
 # Above the SuperLink's 60 s SQLite busy timeout, so nginx never cuts a request the SuperLink still serves.
 TIMEOUT_S = 300
 # The Fleet API's endpoints are lowercase kebab-case names; nothing else (no "..", no %-escapes, no
@@ -69,6 +71,7 @@ class ProxyConfig:
     upstream_host: str = "127.0.0.1"
     max_body: str = MAX_BODY
     timeout_s: int = TIMEOUT_S
+    stream_buffer: str = STREAM_BUFFER
 
 
 def _listen(host: str, port: int) -> str:
@@ -112,9 +115,14 @@ http {{
     client_max_body_size {cfg.max_body};
     client_body_timeout {t};
     send_timeout {t};
-    # Stream request and response bodies (array chunks) instead of spooling them to disk.
+    # Stream request and response bodies (array chunks) instead of spooling them to disk, in pieces of
+    # {cfg.stream_buffer} each way (nginx's default is one 4-8 KiB page: ~1,300 reads and TLS records per
+    # 5 MiB chunk; this is at most 2 x {cfg.stream_buffer} per connection in flight).
     proxy_request_buffering off;
     proxy_buffering off;
+    client_body_buffer_size {cfg.stream_buffer};
+    proxy_buffer_size {cfg.stream_buffer};
+    proxy_buffers 4 {cfg.stream_buffer};  # unused with buffering off; nginx checks them against the above
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     proxy_set_header Host $host;
