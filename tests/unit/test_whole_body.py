@@ -18,19 +18,16 @@ from fedtune.whole_body import WholeRequestBody
 PIECE = 64 * 1024  # what uvicorn hands over at a time (its HIGH_WATER_LIMIT)
 
 
-def pieces_of(body: bytes, tail: list[dict[str, Any]] | None = None) -> Any:
-    """An ASGI receive giving `body` in PIECE-sized `http.request` messages, then `tail`, then disconnects."""
+def pieces_of(body: bytes) -> Any:
+    """An ASGI receive giving `body` in PIECE-sized `http.request` messages, then disconnects."""
     messages = [
         {"type": "http.request", "body": body[i:i + PIECE], "more_body": i + PIECE < len(body)}
         for i in range(0, len(body), PIECE)
-    ] + list(tail or [])
-    calls = {"n": 0}
+    ]
 
     async def receive() -> dict[str, Any]:
-        calls["n"] += 1
         return messages.pop(0) if messages else {"type": "http.disconnect"}
 
-    receive.calls = calls  # type: ignore[attr-defined]
     return receive
 
 
@@ -64,7 +61,7 @@ def test_pieces_reach_the_app_as_one_message() -> None:
 
 
 def test_a_disconnect_mid_body_is_passed_on() -> None:
-    receive = pieces_of(os.urandom(3 * PIECE), tail=[])
+    receive = pieces_of(os.urandom(3 * PIECE))
     truncated = []
 
     async def cut_short() -> dict[str, Any]:  # the client goes away after the second piece
