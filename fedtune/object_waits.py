@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from fedtune.patching import wrap_once
 from fedtune.preflight import env_seconds
 
 OBJECT_WAIT_ENV = "FEDTUNE_OBJECT_WAIT_SECONDS"
@@ -80,15 +81,8 @@ def wait_for_objects_in_pulls() -> float:
     from flwr.supercore.object_store.sql_object_store import SqlObjectStore
 
     for store_class in (InMemoryObjectStore, SqlObjectStore):
-        _wrap_once(store_class, "put", _announcing)
+        wrap_once(store_class, "put", _announcing, _PATCHED)
     for state_class in (InMemoryCoreState, SqlCoreState):
-        _wrap_once(state_class, "get_object", lambda get_object: _waiting(get_object, wait_s))
+        wrap_once(state_class, "get_object", lambda get_object: _waiting(get_object, wait_s), _PATCHED)
     return wait_s
 
-
-def _wrap_once(cls: type, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-    method = getattr(cls, name)
-    if not getattr(method, _PATCHED, False):
-        wrapped = wrap(method)
-        setattr(wrapped, _PATCHED, True)
-        setattr(cls, name, wrapped)

@@ -18,9 +18,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from fedtune.patching import wrap_once
 from fedtune.runtime_env import env_tristate
 
 ENV = "FEDTUNE_WHOLE_BODY"
+_PATCHED = "_fedtune_whole_body"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -77,15 +79,10 @@ def read_bodies_whole_in_superlink() -> None:
     import flwr.superlink.main as superlink_main
     from starlette.middleware import Middleware
 
-    flower_stack = superlink_main._get_middleware
-    if getattr(flower_stack, "_fedtune_whole_body", False):
-        return
+    def outside(flower_stack: Callable[[], list[Middleware]]) -> Callable[[], list[Middleware]]:
+        return lambda: [Middleware(WholeRequestBody), *flower_stack()]
 
-    def stack() -> list[Middleware]:
-        return [Middleware(WholeRequestBody), *flower_stack()]
-
-    stack._fedtune_whole_body = True  # type: ignore[attr-defined]
-    superlink_main._get_middleware = stack
+    wrap_once(superlink_main, "_get_middleware", outside, _PATCHED)
 
 
 def read_bodies_whole_in_supernode() -> None:
@@ -95,14 +92,12 @@ def read_bodies_whole_in_supernode() -> None:
         return
     import flwr.supernode.main as supernode_main
 
-    create_app = supernode_main.create_app
-    if getattr(create_app, "_fedtune_whole_body", False):
-        return
+    def reading_whole_bodies(create_app: Callable[..., Any]) -> Callable[..., Any]:
+        def create_app_reading_whole_bodies(*args: Any, **kwargs: Any) -> Any:
+            app = create_app(*args, **kwargs)
+            app.add_middleware(WholeRequestBody)  # added last = outermost
+            return app
 
-    def create_app_reading_whole_bodies(*args: Any, **kwargs: Any) -> Any:
-        app = create_app(*args, **kwargs)
-        app.add_middleware(WholeRequestBody)  # added last = outermost
-        return app
+        return create_app_reading_whole_bodies
 
-    create_app_reading_whole_bodies._fedtune_whole_body = True  # type: ignore[attr-defined]
-    supernode_main.create_app = create_app_reading_whole_bodies
+    wrap_once(supernode_main, "create_app", reading_whole_bodies, _PATCHED)
