@@ -98,7 +98,7 @@ def main(grid: Grid, context: Context) -> None:
         final_state = state
         if remaining > 0:
             result = strategy.start(
-                grid=TimedGrid(grid),
+                grid=TimedGrid(grid, on_reply=strategy.check_on_arrival),
                 initial_arrays=state_to_arrays(state, "float32"),
                 num_rounds=remaining,
                 timeout=cfg.strategy.round_timeout,

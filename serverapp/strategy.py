@@ -3,9 +3,11 @@ per-round learning rate, the packed transport, exact byte accounting, rejection 
 checkpoints written in the background and a results file rewritten after every round.
 
 A round: configure_train (encode + pack the global once for every node) -> Flower pushes and pulls
-(serverapp/timed_grid.py stamps both) -> aggregate_train (unpack and validate each reply on its real data,
-average the accepted ones in float32 in place, check the result is finite) -> results.json -> the
-checkpoint writer thread saves `latest/` (and every N rounds a numbered copy) while the next round runs.
+(serverapp/timed_grid.py stamps both; `check_on_arrival` unpacks and validates each reply on its real data
+in the thread that pulled it, while other replies are still on their way) -> aggregate_train (the replies'
+checks, the average of the accepted ones in float32 in place, a check that the result is finite) ->
+results.json -> the checkpoint writer thread saves `latest/` (and every N rounds a numbered copy) while the
+next round runs.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class FedTuneAvg(FedAvg):
         self._grid: Grid | None = None
         self._started: dict[int, tuple[float, float]] = {}  # round -> (time.time(), monotonic)
         self._sampled: dict[int, list[int]] = {}
+        # message a reply answers -> (that reply, its check), from check_on_arrival
+        self._checked_on_arrival: dict[str, tuple[Message, Checked]] = {}
 
     # Flower counts rounds from 1 in every `start`; a resumed run continues the global count.
     def global_round(self, server_round: int) -> int:
@@ -103,6 +107,7 @@ class FedTuneAvg(FedAvg):
         self._started[current] = (time.time(), time.monotonic())
         self._grid = grid
         self._global = self._state_of(arrays)
+        self._checked_on_arrival.clear()
         transport, dtype = self.cfg.comm.transport, self.cfg.model.transport_dtype
         wire = packing.encode(self._global, dtype)  # float32: the same arrays, no copy
         codec, reply_wire = self.cfg.comm.spec(), wire
@@ -154,6 +159,18 @@ class FedTuneAvg(FedAvg):
 
     # ---- in ---------------------------------------------------------------------------------------------
 
+    def check_on_arrival(self, reply: Message) -> None:
+        """TimedGrid's hook, in the thread that pulled `reply`: its own checks, done while the round's other
+        replies are still on their way (numpy lets the threads run side by side). aggregate_train uses the
+        result, or checks the reply itself if this did not finish."""
+        if reply.has_error() or self._expected is None:
+            return
+        try:
+            checked = check_reply(reply.content, self._expected)
+            self._checked_on_arrival[reply.metadata.reply_to_message_id] = (reply, checked)
+        except Exception as err:  # aggregate_train checks it again and raises there, in the round
+            log.warning("checking a reply on arrival failed (checked again): %s: %s", type(err).__name__, err)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -176,7 +193,10 @@ class FedTuneAvg(FedAvg):
                 else:  # the SuperLink answers (as node 1) for a node it lost: attributed below
                     lost_reasons.append(str(reply.error.reason))
                 continue
-            result = checked[node_id] = check_reply(reply.content, self._expected)
+            arrived, early = self._checked_on_arrival.pop(reply.metadata.reply_to_message_id, (None, None))
+            if arrived is not reply or early is None:
+                early = check_reply(reply.content, self._expected)
+            result = checked[node_id] = early
             arrays = reply.content.array_records.get("arrays")
             self.ledger.record_up(
                 current, node_id, result.leaderboard_bytes, arrays.count_bytes() if arrays else 0

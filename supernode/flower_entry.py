@@ -8,8 +8,9 @@ small HTTPS request every half second per idle node) and check for the reply eve
 lookup). A poll may find a message whose chunks the ServerApp is still pushing: the SuperLink holds each
 early pull until its chunk is in (fedtune.object_waits), so the download runs alongside the push instead
 of retrying against it. Object pulls that do come back empty retry within 0.25 s (fedtune.flower_pulls).
-The ClientApp's pulls from this SuperNode wait the same way for the download to be stored, and its pushes
-reach Flower's middleware as whole bodies (fedtune.whole_body).
+Each downloaded object is stored the moment it arrives (fedtune.store_on_arrival), and the ClientApp's pulls
+from this SuperNode wait for it the same way, so its copy runs alongside the download; its pushes reach
+Flower's middleware as whole bodies (fedtune.whole_body).
 
 The SuperNode starts its SuperExec as `flower-superexec`; we start `fedtune.prestart clientapp`
 instead (the same CLI, with a ClientApp process started before each message) unless
@@ -66,11 +67,13 @@ def main() -> None:
     from fedtune.object_waits import wait_for_objects_in_pulls
     from fedtune.prestart import prestarting_subprocess
     from fedtune.runtime_env import env_tristate
+    from fedtune.store_on_arrival import store_downloads_on_arrival
     from fedtune.whole_body import read_bodies_whole_in_supernode
 
     internal.time = patched_clock(poll_seconds())  # type: ignore[assignment]
     retry_pulls_sooner()  # a message is listed before the ServerApp has pushed all its chunks
     wait_for_objects_in_pulls()  # the ClientApp's pulls, while this node still downloads
+    store_downloads_on_arrival()  # ... which it stores object by object
     read_bodies_whole_in_supernode()  # the ClientApp's pushes of its reply
     if env_tristate(PRESTART_ENV) is not False:  # on unless set to 0/false
         internal.subprocess = prestarting_subprocess("flwr-clientapp")  # type: ignore[assignment]

@@ -200,3 +200,33 @@ def test_ledger_carries_bytes_over_a_resume():
     ledger.record_down(4, 1, 10)
     ledger.record_up(4, 1, 5)
     assert ledger.total_bytes == 115 and ledger.cumulative_bytes(3) == 100
+
+
+def test_replies_checked_on_arrival_are_not_checked_again(tmp_path, monkeypatch):
+    import serverapp.strategy as strategy_module
+
+    strategy, _ = make_strategy(tmp_path)
+    sent = configure(strategy)
+    for message in sent:  # the ids Flower's push gives them, which the replies then answer to
+        message.metadata.__dict__["_message_id"] = message.object_id
+    good = reply_to(sent[0], record(2.0, 2.0), 10)
+    bad = reply_to(sent[1], record(float("nan"), 1.0), 10)
+    for reply in (good, bad):  # what TimedGrid does in each reply's puller thread
+        strategy.check_on_arrival(reply)
+    calls = []
+    real_check = strategy_module.check_reply
+    monkeypatch.setattr(strategy_module, "check_reply", lambda *a: calls.append(a) or real_check(*a))
+
+    arrays, _ = strategy.aggregate_train(1, [good, bad])
+    assert calls == []  # both results came from the arrival checks
+    np.testing.assert_allclose(unpacked(arrays)[KEYS[0]], 2.0)
+    assert strategy.results.results.rounds[0].rejected == {"22": "non-finite"}
+
+    # a check made for another reply object to the same message is not taken for this one
+    sent = configure(strategy, server_round=2)
+    sent[0].metadata.__dict__["_message_id"] = sent[0].object_id
+    strategy.check_on_arrival(reply_to(sent[0], record(float("nan"), 1.0), 10))
+    before = len(calls)
+    arrays, _ = strategy.aggregate_train(2, [reply_to(sent[0], record(3.0, 3.0), 10)])
+    assert len(calls) == before + 1
+    np.testing.assert_allclose(unpacked(arrays)[KEYS[0]], 3.0)
