@@ -21,6 +21,10 @@ A pull of an object still on its way (a node's download running alongside the Se
 ServerApp's pull of a reply being uploaded) waits for it at the store instead of coming back empty for a
 retry (fedtune.object_waits; FEDTUNE_OBJECT_WAIT_SECONDS, 0 for Flower's behaviour).
 
+Its request threads write to the SQLite state taking turns in the process, instead of meeting SQLite's lock
+and its busy handler's sleeps, and a pushed object's hash is checked before its write transaction
+(fedtune.sqlite_writes; FEDTUNE_SQLITE_TURNS=0 for Flower's behaviour).
+
 Flower's middleware sees each request body whole instead of in 64 KiB pieces (fedtune.whole_body;
 FEDTUNE_WHOLE_BODY=0 for Flower's stack as it is).
 
@@ -81,6 +85,7 @@ def main() -> None:
     from fedtune.object_waits import wait_for_objects_in_pulls
     from fedtune.prestart import prestarting_subprocess
     from fedtune.runtime_env import env_tristate
+    from fedtune.sqlite_writes import take_turns_writing
     from fedtune.whole_body import read_bodies_whole_in_superlink
 
     timeout_ms = int(os.environ.get("FEDTUNE_SQLITE_BUSY_TIMEOUT_MS", DEFAULT_BUSY_TIMEOUT_MS))
@@ -91,6 +96,7 @@ def main() -> None:
     )
     if object_store() == "memory":
         keep_objects_in_memory()
+    take_turns_writing(timeout_ms / 1000)
     wait_for_objects_in_pulls()
     read_bodies_whole_in_superlink()
     # the module, not the function of the same name its package exports
