@@ -21,6 +21,9 @@ A pull of an object still on its way (a node's download running alongside the Se
 ServerApp's pull of a reply being uploaded) waits for it at the store instead of coming back empty for a
 retry (fedtune.object_waits; FEDTUNE_OBJECT_WAIT_SECONDS, 0 for Flower's behaviour).
 
+The ServerApp's poll for replies that finds none waits at the SuperLink for one to be stored, instead of
+coming back empty to be asked again (fedtune.reply_waits; FEDTUNE_REPLY_WAIT_SECONDS, 0 for Flower's).
+
 Its request threads write to the SQLite state taking turns in the process, instead of meeting SQLite's lock
 and its busy handler's sleeps, and a pushed object's hash is checked before its write transaction
 (fedtune.sqlite_writes; FEDTUNE_SQLITE_TURNS=0 for Flower's behaviour).
@@ -84,6 +87,7 @@ def main() -> None:
     from fedtune.logs import run_with_logging
     from fedtune.object_waits import wait_for_objects_in_pulls
     from fedtune.prestart import prestarting_subprocess
+    from fedtune.reply_waits import wait_for_replies_in_polls
     from fedtune.runtime_env import env_tristate
     from fedtune.sqlite_writes import take_turns_writing
     from fedtune.whole_body import read_bodies_whole_in_superlink
@@ -98,6 +102,7 @@ def main() -> None:
         keep_objects_in_memory()
     take_turns_writing(timeout_ms / 1000)
     wait_for_objects_in_pulls()
+    wait_for_replies_in_polls()
     read_bodies_whole_in_superlink()
     # the module, not the function of the same name its package exports
     superlink_cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
