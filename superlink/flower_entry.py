@@ -24,10 +24,6 @@ retry (fedtune.object_waits; FEDTUNE_OBJECT_WAIT_SECONDS, 0 for Flower's behavio
 The ServerApp's poll for replies that finds none waits at the SuperLink for one to be stored, instead of
 coming back empty to be asked again (fedtune.reply_waits; FEDTUNE_REPLY_WAIT_SECONDS, 0 for Flower's).
 
-Its request threads write to the SQLite state taking turns in the process, instead of meeting SQLite's lock
-and its busy handler's sleeps, and a pushed object's hash is checked before its write transaction
-(fedtune.sqlite_writes; FEDTUNE_SQLITE_TURNS=0 for Flower's behaviour).
-
 Flower's middleware sees each request body whole instead of in 64 KiB pieces (fedtune.whole_body;
 FEDTUNE_WHOLE_BODY=0 for Flower's stack as it is).
 
@@ -89,7 +85,6 @@ def main() -> None:
     from fedtune.prestart import prestarting_subprocess
     from fedtune.reply_waits import wait_for_replies_in_polls
     from fedtune.runtime_env import env_tristate
-    from fedtune.sqlite_writes import take_turns_writing
     from fedtune.whole_body import read_bodies_whole_in_superlink
 
     timeout_ms = int(os.environ.get("FEDTUNE_SQLITE_BUSY_TIMEOUT_MS", DEFAULT_BUSY_TIMEOUT_MS))
@@ -100,7 +95,6 @@ def main() -> None:
     )
     if object_store() == "memory":
         keep_objects_in_memory()
-    take_turns_writing(timeout_ms / 1000)
     wait_for_objects_in_pulls()
     wait_for_replies_in_polls()
     read_bodies_whole_in_superlink()
