@@ -21,6 +21,7 @@ from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
 from fedtune import object_waits
 from fedtune.errors import FedTuneError
+from tests.superlink_state import superlink_linkstate
 
 RUN_ID = 7
 
@@ -33,28 +34,13 @@ def restored(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(cls, name, getattr(cls, name))
 
 
-def superlink_state(tmp_path: Any) -> Any:
-    import flwr.superlink.config_loader as config_loader
-
-    from superlink import flower_entry
-
-    flower_entry.keep_objects_in_memory()  # what fedtune-superlink runs: SQLite state, objects in memory
-    _, state_factory = config_loader.get_objectstore_linkstate_factories(
-        str(tmp_path / "state.db"), config_loader.get_federation_manager()
-    )
-    return state_factory.state()
-
-
-def supernode_state(_tmp_path: Any) -> Any:
+def supernode_state(_tmp_path: Any, _monkeypatch: pytest.MonkeyPatch) -> Any:
     return InMemoryNodeState(InMemoryObjectStore())
 
 
-@pytest.fixture(params=[superlink_state, supernode_state], ids=["superlink", "supernode"])
+@pytest.fixture(params=[superlink_linkstate, supernode_state], ids=["superlink", "supernode"])
 def state(request: pytest.FixtureRequest, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    import flwr.superlink.config_loader as config_loader
-
-    monkeypatch.setattr(config_loader, "ObjectStoreFactory", config_loader.ObjectStoreFactory)
-    yield request.param(tmp_path)
+    yield request.param(tmp_path, monkeypatch)
 
 
 def chunk() -> tuple[str, bytes]:

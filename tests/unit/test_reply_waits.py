@@ -18,6 +18,7 @@ from flwr.superlink.servicer.runtime import runtime_handlers
 
 from fedtune import reply_waits
 from fedtune.errors import FedTuneError
+from tests.superlink_state import superlink_linkstate
 
 
 @pytest.fixture
@@ -30,16 +31,7 @@ def restored(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def state(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
-    import flwr.superlink.config_loader as config_loader
-
-    from superlink import flower_entry
-
-    monkeypatch.setattr(config_loader, "ObjectStoreFactory", config_loader.ObjectStoreFactory)
-    flower_entry.keep_objects_in_memory()
-    _, state_factory = config_loader.get_objectstore_linkstate_factories(
-        str(tmp_path / "state.db"), config_loader.get_federation_manager()
-    )
-    return state_factory.state()
+    return superlink_linkstate(tmp_path, monkeypatch)
 
 
 def poll(state: Any, run_id: int) -> Any:
