@@ -35,6 +35,21 @@ def exit_with_parent(parent_pid: int, on_gone: Callable[[], None] = _exit_now, i
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+EXIT_GRACE_S = 10.0
+
+
+def exit_even_if_threads_hang(code: int, grace_s: float | None = None) -> None:
+    """End this process with `code` within `grace_s`, whatever non-daemon thread is left.
+
+    Python waits at exit for every non-daemon thread. Flower's SuperNode runs its Runtime API server in
+    one, which nothing stops when the node's main loop dies of an error: the process would stay up as a
+    node that never polls again, invisible to a restart policy. A daemon timer exits hard if the normal
+    exit has not finished by then (its handlers and log flushes run first)."""
+    timer = threading.Timer(EXIT_GRACE_S if grace_s is None else grace_s, os._exit, args=(code,))
+    timer.daemon = True
+    timer.start()
+
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PR_SET_CHILD_SUBREAPER = 36
 

@@ -13,7 +13,6 @@ next round runs.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedtune import packing
+from fedtune import adapter_math, packing
 from fedtune.accounting import CommLedger, to_mb
 from fedtune.checkpoint import CheckpointJob, CheckpointWriter
 from fedtune.codecs import server as codecs
@@ -109,7 +108,7 @@ class FedTuneAvg(FedAvg):
         self._global = self._state_of(arrays)
         self._checked_on_arrival.clear()
         transport, dtype = self.cfg.comm.transport, self.cfg.model.transport_dtype
-        wire = packing.encode(self._global, dtype)  # float32: the same arrays, no copy
+        wire = adapter_math.encode(self._global, dtype)  # float32: the same arrays, no copy
         codec, reply_wire = self.cfg.comm.spec(), wire
         codec_config: dict[str, Any] = {}
         if codec.active:  # issue 18: the download codec; replies come in the upload codec's layout
@@ -154,8 +153,8 @@ class FedTuneAvg(FedAvg):
         """The global adapter as float32 arrays: ours from the last aggregation, or decoded."""
         if self._last is not None and arrays is self._last[0]:
             return self._last[1]
-        decoded = packing.decode(packing.unpack(arrays).arrays)
-        return {k: np.array(v, dtype=np.float32) for k, v in decoded.items()}
+        # copies (the arrays are views into a received buffer), in one buffer for adapter_math
+        return adapter_math.owned_float32(packing.decode(packing.unpack(arrays).arrays))
 
     # ---- in ---------------------------------------------------------------------------------------------
 
@@ -222,8 +221,10 @@ class FedTuneAvg(FedAvg):
             )
 
         started = time.perf_counter()
-        new_state = average({n: c.arrays for n, c in accepted.items() if c.arrays is not None},
-                            {n: c.num_examples for n, c in accepted.items()})
+        new_state = adapter_math.weighted_average(
+            {n: c.arrays for n, c in accepted.items() if c.arrays is not None},
+            {n: c.num_examples for n, c in accepted.items()},
+        )
         aggregate_rejection = None
         if new_state is not None and not aggregate_is_finite(new_state):
             aggregate_rejection = "aggregate-non-finite"
@@ -347,26 +348,6 @@ class FedTuneAvg(FedAvg):
 
 
 # ---- averaging -----------------------------------------------------------------------------------------
-
-
-def average(updates: Mapping[int, State], weights: Mapping[int, float]) -> State | None:
-    """Σ (w_i / Σw) · update_i, into one new float32 buffer cut into the tensors (the only allocation of
-    adapter size; one reply with all the weight is returned bit-exactly): `pack` then sends that buffer
-    as it is, without copying the tensors together again."""
-    if not updates:
-        return None
-    total = sum(weights[n] for n in updates)
-    layout = [(name, tuple(values.shape)) for name, values in next(iter(updates.values())).items()]
-    flat = np.empty(sum(math.prod(shape) for _, shape in layout), dtype=np.float32)
-    result = packing.split_buffer(layout, flat)
-    for position, (node_id, update) in enumerate(updates.items()):
-        share = np.float32(weights[node_id] / total)
-        for name, values in update.items():  # tensor by tensor: the temporaries stay cache-sized
-            if position == 0:
-                np.multiply(values, share, out=result[name], dtype=np.float32)
-            else:
-                result[name] += values * share
-    return result
 
 
 def train_metrics(accepted: Mapping[int, Checked]) -> MetricRecord:

@@ -6,7 +6,7 @@ replies it finds one after the other, so a reply that is in waits for the whole 
 nodes finishing together: the second adapter's pull after the first's). Here each pending reply has its own
 puller (up to MAX_PULLERS; beyond that a puller polls for several) polling every `REPLY_POLL_SECONDS` (one
 small Runtime API request to the local SuperLink each, which fedtune's SuperLink holds until a reply is
-stored or a second has passed: fedtune/reply_waits.py), so a reply is pulled while its upload still runs and
+stored or a second has passed: fedtune/poll_waits.py), so a reply is pulled while its upload still runs and
 beside the others; `on_reply` (the strategy's check of a reply on its real data) runs in the puller as soon
 as its reply is in. The wrapper records the wall-clock stamps the round timeline needs (fedtune/results.py):
 pushed (= ServerApp sent) and, per node, when its reply was pulled.

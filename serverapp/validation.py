@@ -31,13 +31,13 @@ sum of finite values can still overflow float32); otherwise the round keeps the 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedtune import packing
+from fedtune import adapter_math, packing
 from fedtune.codecs import CodecSpec
 from fedtune.codecs.server import decode_reply_arrays
 from fedtune.round_config import (
@@ -93,7 +93,7 @@ class Expected:
             "packed": int(packed_bytes * OVERSIZE_FACTOR),
             "per-tensor": int(per_tensor * OVERSIZE_FACTOR),
         }
-        norm = l2_norm(global_state.values())
+        norm = adapter_math.l2_norm(global_state)
         return cls(specs, global_state, limits, max_num_examples, max_update_ratio * max(norm, 1.0), codec)
 
 
@@ -141,16 +141,17 @@ def check_reply(content: RecordDict, expected: Expected) -> Checked:
     if expected.codec is not None:  # issue 18: the codec checks the tag, codes and scales, then decodes
         tag = content.config_records.get(CODEC_TAG_RECORD)
         decoded, checked.reason = decode_reply_arrays(arrays, tag, expected.global_state, expected.codec)
-        if decoded is not None and _delta_norm(decoded, expected.global_state) > expected.max_delta_norm:
+        moved = adapter_math.distance(decoded, expected.global_state) if decoded is not None else 0.0
+        if moved > expected.max_delta_norm:
             checked.reason = "update-norm"
         checked.arrays = decoded if checked.reason is None else None
         return checked
     checked.reason = _check_arrays(arrays, expected)
     if checked.reason is None:
         decoded = packing.decode(arrays)
-        if not all(np.isfinite(v).all() for v in decoded.values()):
+        if not adapter_math.all_finite(decoded):
             checked.reason = "non-finite"
-        elif _delta_norm(decoded, expected.global_state) > expected.max_delta_norm:
+        elif adapter_math.distance(decoded, expected.global_state) > expected.max_delta_norm:
             checked.reason = "update-norm"
         else:
             checked.arrays = decoded
@@ -187,20 +188,6 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], expected: Expected) -> str |
     return None
 
 
-def _delta_norm(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
-    # float64 (3e38 squared overflows float32); element-wise square + pairwise sum, not BLAS dot: BLAS
-    # threads on a busy small host made this 50x slower
-    total = 0.0
-    for name, values in update.items():
-        delta = np.subtract(values, reference[name], dtype=np.float64)
-        total += float(np.square(delta, out=delta).sum())
-    return math.sqrt(total)
-
-
-def l2_norm(tensors: Iterable[np.ndarray]) -> float:
-    return math.sqrt(sum(float(np.square(t, dtype=np.float64).sum()) for t in tensors))
-
-
 def weight_outliers(weights: Mapping[int, float]) -> dict[int, str]:
     """Nodes whose num-examples is far above the round's median (only with enough replies to tell)."""
     if len(weights) < MEDIAN_MIN_REPLIES:
@@ -210,4 +197,4 @@ def weight_outliers(weights: Mapping[int, float]) -> dict[int, str]:
 
 
 def aggregate_is_finite(arrays: Mapping[str, np.ndarray]) -> bool:
-    return all(np.isfinite(v).all() for v in arrays.values())
+    return adapter_math.all_finite(arrays)

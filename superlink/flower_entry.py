@@ -21,8 +21,9 @@ A pull of an object still on its way (a node's download running alongside the Se
 ServerApp's pull of a reply being uploaded) waits for it at the store instead of coming back empty for a
 retry (fedtune.object_waits; FEDTUNE_OBJECT_WAIT_SECONDS, 0 for Flower's behaviour).
 
-The ServerApp's poll for replies that finds none waits at the SuperLink for one to be stored, instead of
-coming back empty to be asked again (fedtune.reply_waits; FEDTUNE_REPLY_WAIT_SECONDS, 0 for Flower's).
+A poll for messages that finds none (the ServerApp's for replies, an idle SuperNode's for its next
+instruction) waits at the SuperLink for one to be stored, instead of coming back empty to be asked again
+(fedtune.poll_waits; FEDTUNE_REPLY_WAIT_SECONDS and FEDTUNE_NODE_POLL_WAIT_SECONDS, 0 for Flower's).
 
 Flower's middleware sees each request body whole instead of in 64 KiB pieces (fedtune.whole_body;
 FEDTUNE_WHOLE_BODY=0 for Flower's stack as it is).
@@ -82,8 +83,8 @@ def main() -> None:
 
     from fedtune.logs import run_with_logging
     from fedtune.object_waits import wait_for_objects_in_pulls
+    from fedtune.poll_waits import wait_in_polls
     from fedtune.prestart import prestarting_subprocess
-    from fedtune.reply_waits import wait_for_replies_in_polls
     from fedtune.runtime_env import env_tristate
     from fedtune.whole_body import read_bodies_whole_in_superlink
 
@@ -96,7 +97,7 @@ def main() -> None:
     if object_store() == "memory":
         keep_objects_in_memory()
     wait_for_objects_in_pulls()
-    wait_for_replies_in_polls()
+    wait_in_polls()
     read_bodies_whole_in_superlink()
     # the module, not the function of the same name its package exports
     superlink_cli = importlib.import_module("flwr.superlink.cli.flower_superlink")

@@ -45,9 +45,9 @@ from fedtune.errors import FedTuneError, one_line_errors
 from fedtune.logs import configure_logging
 from fedtune.metrics.sidecar import start_sidecar
 from fedtune.object_waits import object_wait_seconds
+from fedtune.poll_waits import node_wait_seconds, reply_wait_seconds
 from fedtune.preflight import OneLineParser, env_port, port_arg, port_or_zero_arg
 from fedtune.process import adopt_orphans, die_with_parent, our_children
-from fedtune.reply_waits import reply_wait_seconds
 from fedtune.runtime_env import env_flag, env_tristate, find_executable, flwr_env, passthrough
 from superlink import proxy
 from superlink.flower_entry import OBJECT_STORE_ENV, OBJECT_STORES, PRESTART_ENV
@@ -164,6 +164,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
         raise FedTuneError(f"--object-store must be one of {choices}, got {args.object_store!r}")
     object_wait_seconds()  # FEDTUNE_OBJECT_WAIT_SECONDS=soon: one line here, before the proxy starts
     reply_wait_seconds()  # the same for FEDTUNE_REPLY_WAIT_SECONDS
+    node_wait_seconds()  # ... and FEDTUNE_NODE_POLL_WAIT_SECONDS
     cmd = [
         "flower-superlink",
         "--database", str(args.database),

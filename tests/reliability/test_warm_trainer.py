@@ -5,6 +5,7 @@ trainer never becomes ready, and a trainer that dies is started again."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import socket
@@ -348,19 +349,68 @@ def test_a_dead_trainer_is_started_again(tmp_path):
 
 
 def test_supernode_entry_shortens_only_flowers_fixed_waits(monkeypatch):
-    """supernode/flower_entry.py: the idle poll (3 s) and the reply check (0.5 s) shrink; any other wait stays."""
+    """supernode/flower_entry.py: the idle poll (3 s) and the reply check (0.5 s) shrink; any other wait
+    stays; the idle wait counts from the start of the last poll, so a poll the SuperLink held for longer
+    than the period is followed by the next at once."""
     import flwr.supernode.start_client_internal as internal
 
     from supernode import flower_entry
 
     slept: list[float] = []
     monkeypatch.setattr(flower_entry.time, "sleep", slept.append)
-    clock = flower_entry.patched_clock(0.7)
+    clock = flower_entry.PollClock(0.7)
     for seconds in (3, 0.5, 2.0):
         clock.sleep(seconds)
     assert slept == [0.7, flower_entry.REPLY_CHECK_S, 2.0]
-    assert clock.time is time.time and clock.monotonic is time.monotonic
+
+    polls: list[float] = []
+    now = [100.0]
+    monkeypatch.setattr(flower_entry.time, "monotonic", lambda: now[0])
+
+    def held_poll(hold: float) -> str:  # start_client_internal's _pull_and_store_message, held `hold` s
+        polls.append(hold)
+        now[0] += hold
+        return "none"
+
+    pull_and_store = clock.polling(held_poll)
+    # fedtune.store_on_arrival binds the wrapped function's arguments by name
+    assert inspect.signature(pull_and_store) == inspect.signature(held_poll)
+    assert pull_and_store(0.5) == "none" and polls == [0.5]
+    slept.clear()
+    clock.sleep(3)  # 0.5 s of the 0.7 s period went to the poll itself
+    pull_and_store(2.0)
+    clock.sleep(3)  # held past the period: no wait at all
+    assert slept == [pytest.approx(0.2), 0.0]
+    assert clock.time is time.time and clock.perf_counter is time.perf_counter
     assert internal.time is time  # what main() replaces: start_client_internal's own `time`
     monkeypatch.setenv(flower_entry.POLL_ENV, "abc")
     with pytest.raises(SystemExit, match="must be a number"):
         flower_entry.poll_seconds()
+
+
+_LOOP_DIES = """
+import threading, time
+import flwr.supernode.cli as cli
+import fedtune.process
+from supernode import flower_entry
+
+fedtune.process.EXIT_GRACE_S = 1.0
+
+def flower_supernode():  # Flower's: the Runtime API server in a non-daemon thread, then the node's loop
+    threading.Thread(target=time.sleep, args=(3600,), name="supernode-runtime-http-api").start()
+    raise KeyError("object_store")
+
+cli.flower_supernode = flower_supernode
+flower_entry.main()
+"""
+
+
+def test_a_supernode_whose_loop_dies_exits_non_zero_despite_flowers_server_thread(tmp_path):
+    """Without the guard the process stays up for good (Python waits for the non-daemon thread)."""
+    env = {**os.environ, "FEDTUNE_CLIENTAPP_PRESTART": "0", "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([sys.executable, "-c", _LOOP_DIES], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "KeyError: 'object_store'" in done.stderr  # the traceback is still printed
