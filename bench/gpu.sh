@@ -93,9 +93,22 @@ PY
       for m in uvloop httptools; do echo 'raise ImportError("FED_HTTP=bare")' > /tmp/bare-http/$m/__init__.py; done
       export PYTHONPATH=/tmp/bare-http:$PYTHONPATH
     fi
+    # FED_THREADS=1: the SuperLink's per-thread CPU every 0.1 s (bench/thread_cpu.py; --rounds sums it per round)
+    if [ -n "${FED_THREADS:-}" ]; then
+      python3 -m bench.thread_cpu --match superlink.flower_entry --interval 0.1 \
+        --out "$RESULTS/superlink-threads${FED_TAG:-}.jsonl" > "$RESULTS/superlink-threads${FED_TAG:-}.txt" 2>&1 &
+    fi
+    # FED_PYSPY=DELAY:SECONDS: py-spy --gil on the SuperLink from DELAY s after the start, for SECONDS
+    if [ -n "${FED_PYSPY:-}" ]; then
+      ( sleep "${FED_PYSPY%%:*}"; pid=$(pgrep -f superlink.flower_entry | head -1)
+        py-spy record --pid "$pid" --gil --nonblocking --rate 200 --duration "${FED_PYSPY##*:}" --format raw \
+          -o /tmp/superlink-gil.raw >/dev/null 2>&1
+        python3 -m bench.pyspy_top /tmp/superlink-gil.raw --top 45 > "$RESULTS/superlink-gil${FED_TAG:-}.txt" ) &
+    fi
     python3 -m bench.federation --work "$WORK" --nodes "${FED_NODES:-2}" --rounds "${FED_ROUNDS:-2}" \
       --runs "${FED_RUNS:-reference:per-tensor,reference:packed}" --json "$RESULTS/federation${FED_TAG:-}.json" \
       ${FED_ARGS:-} 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]" | tee "$RESULTS/federation${FED_TAG:-}.txt"
+    wait
     ;;
   rounds)  # ROUND_MODES="naive warm" (default) or one of them; WARM_ROUNDS rounds per profile when warm
     for mode in ${ROUND_MODES:-naive warm}; do

@@ -26,7 +26,8 @@ instruction) waits at the SuperLink for one to be stored, instead of coming back
 (fedtune.poll_waits; FEDTUNE_REPLY_WAIT_SECONDS and FEDTUNE_NODE_POLL_WAIT_SECONDS, 0 for Flower's).
 
 Flower's middleware sees each request body whole instead of in 64 KiB pieces (fedtune.whole_body;
-FEDTUNE_WHOLE_BODY=0 for Flower's stack as it is).
+FEDTUNE_WHOLE_BODY=0 for Flower's stack as it is), and its Control- and Fleet-only layers see only their own
+API's requests (fedtune.middleware_scope; FEDTUNE_SCOPED_MIDDLEWARE=0 for Flower's).
 
 Flower runs uvicorn with its 5 s keep-alive; ours is SUPERLINK_KEEP_ALIVE_S, so the Fleet proxy always
 closes an idle connection first (superlink/proxy.py says why). Everything else is Flower's own CLI.
@@ -82,6 +83,7 @@ def main() -> None:
     import flwr.supercore.sql_mixin as sql_mixin
 
     from fedtune.logs import run_with_logging
+    from fedtune.middleware_scope import scope_superlink_middleware
     from fedtune.object_waits import wait_for_objects_in_pulls
     from fedtune.poll_waits import wait_in_polls
     from fedtune.prestart import prestarting_subprocess
@@ -99,6 +101,7 @@ def main() -> None:
     wait_for_objects_in_pulls()
     wait_in_polls()
     read_bodies_whole_in_superlink()
+    scope_superlink_middleware()
     # the module, not the function of the same name its package exports
     superlink_cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
     outlast_the_proxy(superlink_cli)
