@@ -109,6 +109,7 @@ PY
       --runs "${FED_RUNS:-reference:per-tensor,reference:packed}" --json "$RESULTS/federation${FED_TAG:-}.json" \
       ${FED_ARGS:-} 2>&1 | grep -v -i "warn\|it/s\]\|examples/s\]" | tee "$RESULTS/federation${FED_TAG:-}.txt"
     wait
+    [ -n "${FED_THREADS:-}" ] && gzip -f "$RESULTS/superlink-threads${FED_TAG:-}.jsonl"
     ;;
   rounds)  # ROUND_MODES="naive warm" (default) or one of them; WARM_ROUNDS rounds per profile when warm
     for mode in ${ROUND_MODES:-naive warm}; do

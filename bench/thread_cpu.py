@@ -15,6 +15,7 @@ shipped.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import time
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.summarize:
-        saved = [json.loads(line) for line in args.summarize.read_text().splitlines() if line.strip()]
+        opener = gzip.open if args.summarize.suffix == ".gz" else open
+        with opener(args.summarize, "rt") as saved_lines:
+            saved = [json.loads(line) for line in saved_lines if line.strip()]
         print(in_rounds(saved, args.rounds) if args.rounds else summarize(saved))
         return
     if not args.match:
