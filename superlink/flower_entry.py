@@ -27,7 +27,9 @@ instruction) waits at the SuperLink for one to be stored, instead of coming back
 
 Flower's middleware sees each request body whole instead of in 64 KiB pieces (fedtune.whole_body;
 FEDTUNE_WHOLE_BODY=0 for Flower's stack as it is), and its Control- and Fleet-only layers see only their own
-API's requests (fedtune.middleware_scope; FEDTUNE_SCOPED_MIDDLEWARE=0 for Flower's).
+API's requests (fedtune.middleware_scope; FEDTUNE_SCOPED_MIDDLEWARE=0 for Flower's). The state's sweep of
+expired task tokens, which Flower runs before every run-status check (so on every object request), runs at
+most once a second (fedtune.token_cleanup; FEDTUNE_TOKEN_CLEANUP_SECONDS=0 for Flower's).
 
 Flower runs uvicorn with its 5 s keep-alive; ours is SUPERLINK_KEEP_ALIVE_S, so the Fleet proxy always
 closes an idle connection first (superlink/proxy.py says why). Everything else is Flower's own CLI.
@@ -88,6 +90,7 @@ def main() -> None:
     from fedtune.poll_waits import wait_in_polls
     from fedtune.prestart import prestarting_subprocess
     from fedtune.runtime_env import env_tristate
+    from fedtune.token_cleanup import sweep_tokens_once_a_second
     from fedtune.whole_body import read_bodies_whole_in_superlink
 
     timeout_ms = int(os.environ.get("FEDTUNE_SQLITE_BUSY_TIMEOUT_MS", DEFAULT_BUSY_TIMEOUT_MS))
@@ -102,6 +105,7 @@ def main() -> None:
     wait_in_polls()
     read_bodies_whole_in_superlink()
     scope_superlink_middleware()
+    sweep_tokens_once_a_second()
     # the module, not the function of the same name its package exports
     superlink_cli = importlib.import_module("flwr.superlink.cli.flower_superlink")
     outlast_the_proxy(superlink_cli)

@@ -49,6 +49,7 @@ from fedtune.poll_waits import node_wait_seconds, reply_wait_seconds
 from fedtune.preflight import OneLineParser, env_port, port_arg, port_or_zero_arg
 from fedtune.process import adopt_orphans, die_with_parent, our_children
 from fedtune.runtime_env import env_flag, env_tristate, find_executable, flwr_env, passthrough
+from fedtune.token_cleanup import cleanup_seconds
 from superlink import proxy
 from superlink.flower_entry import OBJECT_STORE_ENV, OBJECT_STORES, PRESTART_ENV
 
@@ -165,6 +166,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
     object_wait_seconds()  # FEDTUNE_OBJECT_WAIT_SECONDS=soon: one line here, before the proxy starts
     reply_wait_seconds()  # the same for FEDTUNE_REPLY_WAIT_SECONDS
     node_wait_seconds()  # ... and FEDTUNE_NODE_POLL_WAIT_SECONDS
+    cleanup_seconds()  # ... and FEDTUNE_TOKEN_CLEANUP_SECONDS
     cmd = [
         "flower-superlink",
         "--database", str(args.database),
