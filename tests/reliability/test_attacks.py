@@ -183,10 +183,10 @@ def test_a_moderately_large_update_is_bounded_too(tmp_path):
 
 
 def test_a_non_finite_average_never_becomes_the_global(tmp_path, monkeypatch):
-    import serverapp.strategy as strategy_module
+    from fedtune import adapter_math
 
     strategy, sent = strategy_and_round(tmp_path, nodes=[11, 22])
-    real_average = strategy_module.average
+    real_average = adapter_math.weighted_average
 
     def overflowing(updates, weights):  # what float32 accumulation could produce on another path
         result = real_average(updates, weights)
@@ -194,7 +194,7 @@ def test_a_non_finite_average_never_becomes_the_global(tmp_path, monkeypatch):
         result[first] = np.full_like(result[first], np.inf)
         return result
 
-    monkeypatch.setattr(strategy_module, "average", overflowing)
+    monkeypatch.setattr(adapter_math, "weighted_average", overflowing)
     arrays, record = run_round(strategy, [reply(m, packing.pack(honest())) for m in sent])
     assert arrays is None and not record.aggregated
     assert record.aggregate_rejection == "aggregate-non-finite"
