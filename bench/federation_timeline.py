@@ -81,11 +81,12 @@ def supernode_stamps(log_text: str) -> tuple[int | None, dict[int, list[tuple[st
 
 
 def window(events: list[tuple[str, float]], start: float, end: float | None) -> dict[str, float]:
-    """The first receiving → received → sending → sent chain that starts inside [start, end)."""
+    """The first receiving → received → sending → sent chain inside [start, end): a step the log lacks stays
+    out, rather than being taken from the next round (whose start is `end`)."""
     found: dict[str, float] = {}
     order = ["receiving", "received", "sending", "sent"]
     for name, when in events:
-        if when < start or (end is not None and name == "receiving" and when >= end):
+        if when < start or (end is not None and when >= end):
             continue
         step = order[len(found)] if len(found) < len(order) else None
         if name == step:

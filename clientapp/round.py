@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clientapp.trainer import RoundOutcome, train_one_round
+from clientapp.trainer import RoundOutcome, RoundTrainer, build_round_trainer, run_round_trainer
 from fedtune import packing
 from fedtune.codecs import CodecSpec, ffa, is_lora_a
 from fedtune.config import FedTuneConfig
@@ -55,6 +55,13 @@ def data_key(cfg: FedTuneConfig, node_config: dict[str, Any]) -> str:
     )
 
 
+def trainer_key(cfg: FedTuneConfig, node_config: dict[str, Any], round_config: RoundConfig) -> str:
+    """Everything a round's trainer is built from, but the learning rate (set when it trains): a trainer
+    built ahead serves a round only if this matches."""
+    ffa_lora = CodecSpec.from_config(round_config.codec).ffa_lora
+    return json.dumps([asdict(cfg), data_key(cfg, node_config), ffa_lora], sort_keys=True, default=str)
+
+
 @dataclass
 class NodeCache:
     """What a node keeps between rounds: loaded on first use, reloaded when the run's settings change."""
@@ -67,6 +74,15 @@ class NodeCache:
     trainset: Any = None
     skipped: int = 0
     prepared: dict[str, Any] = field(default_factory=dict)  # the tokenised dataset (trainer.py)
+    next_trainer: RoundTrainer | None = None  # built ahead for the next round (`prepare_next_round`)
+
+    def take_trainer(self, key: str) -> RoundTrainer | None:
+        """The trainer built ahead, if it was built for this round's settings; any other is discarded."""
+        built, self.next_trainer = self.next_trainer, None
+        if built is not None and built.key != key:
+            built.discard()
+            built = None
+        return built
 
     def dataset(self, cfg: FedTuneConfig, node_config: dict[str, Any]) -> tuple[Any, int]:
         key = data_key(cfg, node_config)
@@ -89,6 +105,7 @@ class NodeCache:
         return self.model, self.tokenizer, self.device
 
     def drop_model(self) -> None:
+        self.take_trainer("")  # a trainer built ahead holds the model
         if self.model is None:
             return
         self.model = self.tokenizer = None
@@ -185,23 +202,20 @@ def run_round(
     adapter_in_at = time.time()
     lap("adapter-in")
 
+    built = cache.take_trainer(trainer_key(cfg, node_config, round_config))  # a warm trainer built it
+
+    # a trainer built ahead cost this round nothing; one built now is part of the round
+    setup_seconds = 0.0
     try:
-        outcome = train_one_round(
-            model,
-            tokenizer,
-            trainset,
-            cfg.train,
-            round_config.learning_rate,
-            device,
-            cfg.model.gradient_checkpointing,
-            cfg.model.gradient_checkpointing_every,
-            prepared=cache.prepared,
-        )
+        if built is None:
+            built = _build(cfg, model, tokenizer, trainset, device, cache, round_config.learning_rate)
+            setup_seconds = built.setup_seconds
+        outcome = run_round_trainer(built, round_config.learning_rate)
     finally:
         _release_paged_optimizer_state()
     trained_at = time.time()
     mark = time.perf_counter()
-    timings["time-trainer-setup"] = outcome.setup_seconds
+    timings["time-trainer-setup"] = setup_seconds
     timings["time-train"] = outcome.seconds
 
     arrays = adapter_out(model, round_config)
@@ -222,3 +236,37 @@ def run_round(
         "at-trained": trained_at,
     }
     return arrays, metrics, outcome
+
+
+def _build(
+    cfg: FedTuneConfig, model: Any, tokenizer: Any, trainset: Any, device: str, cache: NodeCache, lr: float
+) -> RoundTrainer:
+    return build_round_trainer(
+        model,
+        tokenizer,
+        trainset,
+        cfg.train,
+        device,
+        cfg.model.gradient_checkpointing,
+        cfg.model.gradient_checkpointing_every,
+        prepared=cache.prepared,
+        learning_rate=lr,
+    )
+
+
+def prepare_next_round(
+    cfg: FedTuneConfig, node_config: dict[str, Any], round_config: RoundConfig, cache: NodeCache
+) -> float:
+    """Build the next round's trainer now, between rounds, on the settings of the round just trained (the
+    next one usually has the same; `run_round` uses it only if so, else builds its own). Returns the seconds
+    it took. The model's adapter values do not matter here: the next round writes its adapter in place
+    (fedtune.model.load_adapter_buffers) and the optimizer is built when it trains."""
+    started = time.perf_counter()
+    trainset, _ = cache.dataset(cfg, node_config)
+    model, tokenizer, device = cache.model_for(cfg)
+    cache.take_trainer("")  # at most one built ahead
+    ffa.set_a_trainable(model, not CodecSpec.from_config(round_config.codec).ffa_lora)
+    built = _build(cfg, model, tokenizer, trainset, device, cache, round_config.learning_rate)
+    built.key = trainer_key(cfg, node_config, round_config)
+    cache.next_trainer = built
+    return time.perf_counter() - started

@@ -297,26 +297,48 @@ def _restore_forward_attributes(saved: list[tuple[Any, Any]]) -> None:
             module.forward = forward
 
 
-def train_one_round(
+@dataclass
+class RoundTrainer:
+    """An SFTTrainer built over the model for one round, before its learning rate is known: a warm trainer
+    builds the next round's between rounds (clientapp/round.py `prepare_next_round`), so a round does not
+    pay the ~0.2 s of building it. `run_round_trainer` trains it once; it is not reused."""
+
+    trainer: Any
+    clock: Any
+    counter: RealTokenCounter | None
+    settings: TrainSettings
+    device: str
+    setup_seconds: float
+    output_dir: tempfile.TemporaryDirectory[str]
+    saved_forwards: list[tuple[Any, Any]]
+    key: str = ""  # what it was built for (clientapp.round.trainer_key): used only if the round matches
+
+    def discard(self) -> None:
+        """Give the model back as it was (no trainer patches) and remove the output folder."""
+        _restore_forward_attributes(self.saved_forwards)
+        self.output_dir.cleanup()
+
+
+def build_round_trainer(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     dataset: Dataset,
     settings: TrainSettings,
-    learning_rate: float,
     device: str,
     gradient_checkpointing: bool,
     checkpoint_every: int = 1,
     prepared: dict[str, Any] | None = None,
-) -> RoundOutcome:
-    """Train for the round's steps. `prepared` (optional, kept by a warm trainer across rounds) caches the
-    tokenised dataset so later rounds skip tokenisation."""
+    learning_rate: float = 0.0,
+) -> RoundTrainer:
+    """Everything before `trainer.train()`: the model's per-round settings, the (cached) tokenised data, the
+    SFTTrainer. `learning_rate` may be set later (`run_round_trainer`): the optimizer is built in train().
+    `prepared` (optional, kept by a warm trainer across rounds) caches the tokenised dataset so later rounds
+    skip tokenisation."""
     import torch
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     set_non_quantized_dtype(model, torch.float32 if settings.upcast_non_quantized else None)
     set_layer_compile(model, settings.compile_layers)
     if not gradient_checkpointing and getattr(model, "is_gradient_checkpointing", False):
@@ -340,66 +362,101 @@ def train_one_round(
     compute = model_compute_dtype(model)
     # float32 compute (the template): LoRA weights stay float32 through trl's QLoRA bf16 cast
     saved_adapter = keep_adapter_dtype(model) if compute == "float32" else None
+    output_dir = tempfile.TemporaryDirectory(prefix="fedtune-round-")
     try:
-        with tempfile.TemporaryDirectory(prefix="fedtune-round-") as output_dir:
-            setup_started = time.perf_counter()
-            trainer = SFTTrainer(
-                model=model,
-                args=sft_config(
-                    settings,
-                    learning_rate,
-                    device,
-                    gradient_checkpointing,
-                    output_dir,
-                    checkpoint_every,
-                    dataset_prepared,
-                    compute,
-                ),
-                train_dataset=train_dataset,
-                processing_class=tokenizer,
-                callbacks=[clock],
-            )
-            # transformers prints a raw dict per logged step to stdout, which breaks the SuperNode's
-            # JSON log lines; the losses reach the server in the reply's metrics instead.
-            trainer.remove_callback(PrinterCallback)
-            if saved_adapter is not None:  # before train() builds the optimizer over these tensors
-                restore_adapter_dtype(model, saved_adapter)
-            counter = None
-            if settings.padding_free and not settings.packing:
-                # trl has tokenised and truncated to max_length; now concatenate each micro-batch.
-                counter = RealTokenCounter(
-                    DataCollatorForLanguageModeling(
-                        pad_token_id=tokenizer.pad_token_id,
-                        padding_free=True,
-                        pad_to_multiple_of=pad_multiple(settings),
-                    )
+        setup_started = time.perf_counter()
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(
+                settings,
+                learning_rate,
+                device,
+                gradient_checkpointing,
+                output_dir.name,
+                checkpoint_every,
+                dataset_prepared,
+                compute,
+            ),
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+            callbacks=[clock],
+        )
+        # transformers prints a raw dict per logged step to stdout, which breaks the SuperNode's
+        # JSON log lines; the losses reach the server in the reply's metrics instead.
+        trainer.remove_callback(PrinterCallback)
+        if saved_adapter is not None:  # before train() builds the optimizer over these tensors
+            restore_adapter_dtype(model, saved_adapter)
+        counter = None
+        if settings.padding_free and not settings.packing:
+            # trl has tokenised and truncated to max_length; now concatenate each micro-batch.
+            counter = RealTokenCounter(
+                DataCollatorForLanguageModeling(
+                    pad_token_id=tokenizer.pad_token_id,
+                    padding_free=True,
+                    pad_to_multiple_of=pad_multiple(settings),
                 )
-                trainer.data_collator = counter
-            if prepared is not None and not settings.packing:
-                prepared.update(key=cache_key, dataset=trainer.train_dataset)
-            setup_seconds = time.perf_counter() - setup_started
-            started = time.perf_counter()
-            # What is alive now (model, tokenizer, dataset: millions of objects) outlives the round; frozen,
-            # the cyclic collector stops rescanning it mid-step.
-            gc.freeze()
-            try:
-                result = trainer.train()
-            finally:
-                gc.unfreeze()
-            seconds = time.perf_counter() - started
-            history = tuple(float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
-            tokens = int(trainer.state.num_input_tokens_seen)
-            if counter is not None:  # exact even when the row was padded for compiled layers
-                tokens = counter.tokens(result.global_step * settings.gradient_accumulation_steps)
-    finally:
+            )
+            trainer.data_collator = counter
+        if prepared is not None and not settings.packing:
+            prepared.update(key=cache_key, dataset=trainer.train_dataset)
+        setup_seconds = time.perf_counter() - setup_started
+    except BaseException:
         _restore_forward_attributes(saved_forwards)
+        output_dir.cleanup()
+        raise
+    return RoundTrainer(trainer, clock, counter, settings, device, setup_seconds, output_dir, saved_forwards)
+
+
+def run_round_trainer(built: RoundTrainer, learning_rate: float) -> RoundOutcome:
+    """Train a built trainer at the round's learning rate, once; the model is given back unpatched."""
+    import torch
+
+    trainer, settings = built.trainer, built.settings
+    try:
+        # read when train() builds the optimizer and the (constant) schedule
+        trainer.args.learning_rate = learning_rate
+        if built.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        # What is alive now (model, tokenizer, dataset: millions of objects) outlives the round; frozen,
+        # the cyclic collector stops rescanning it mid-step.
+        gc.freeze()
+        try:
+            result = trainer.train()
+        finally:
+            gc.unfreeze()
+        seconds = time.perf_counter() - started
+        history = tuple(float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+        tokens = int(trainer.state.num_input_tokens_seen)
+        if built.counter is not None:  # exact even when the row was padded for compiled layers
+            tokens = built.counter.tokens(result.global_step * settings.gradient_accumulation_steps)
+    finally:
+        built.discard()
     loss = float(result.training_loss)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss}")
-    peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else _cpu_peak_rss()
-    return RoundOutcome(
-        loss, int(result.global_step), seconds, tokens, peak, history, setup_seconds, clock.seconds()
+    peak = int(torch.cuda.max_memory_allocated()) if built.device == "cuda" else _cpu_peak_rss()
+    steps, step_seconds = int(result.global_step), built.clock.seconds()
+    return RoundOutcome(loss, steps, seconds, tokens, peak, history, built.setup_seconds, step_seconds)
+
+
+def train_one_round(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    settings: TrainSettings,
+    learning_rate: float,
+    device: str,
+    gradient_checkpointing: bool,
+    checkpoint_every: int = 1,
+    prepared: dict[str, Any] | None = None,
+) -> RoundOutcome:
+    """Build the round's trainer and train it: `build_round_trainer` then `run_round_trainer`."""
+    built = build_round_trainer(
+        model, tokenizer, dataset, settings, device, gradient_checkpointing, checkpoint_every, prepared,
+        learning_rate,
     )
+    return run_round_trainer(built, learning_rate)
 
 
 def _cpu_peak_rss() -> int:

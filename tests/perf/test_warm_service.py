@@ -23,13 +23,13 @@ def global_arrays(model_dir: Path, run_config: dict):
     return state_to_arrays(initial_adapter_state(cfg.model, cfg.train.seed), cfg.model.transport_dtype)
 
 
-def call_clientapp(run_config, node_config, arrays, server_round=1):
+def call_clientapp(run_config, node_config, arrays, server_round=1, learning_rate=1e-3):
     from bench.messages import train_message
     from clientapp.client_app import train
 
     msg, context = train_message(
         arrays,
-        {"server-round": server_round, "learning-rate": 1e-3, "transport-dtype": "float32"},
+        {"server-round": server_round, "learning-rate": learning_rate, "transport-dtype": "float32"},
         node_config,
         run_config,
     )
@@ -79,6 +79,45 @@ def test_warm_round_matches_in_process_and_keeps_the_model(tiny_model_dir, demo_
             np.testing.assert_allclose(
                 content["arrays"][key].numpy(), local["arrays"][key].numpy(), rtol=0, atol=1e-6
             )
+
+
+def wait_for_trainer_ahead(sock: str) -> None:
+    """The service builds the next round's trainer after it has replied: wait until it has."""
+    from clientapp.warm.protocol import ping
+
+    deadline = time.time() + 60
+    while not ping(sock)["trainer_ahead"]:
+        assert time.time() < deadline, "the next round's trainer was never built"
+        time.sleep(0.05)
+
+
+def test_a_trainer_built_ahead_trains_at_the_rounds_learning_rate(tiny_model_dir, demo_data_file, service):
+    _proc, sock = service
+    run_config = tiny_run_config(tiny_model_dir, **{"train.max-steps": 2, "train.optim": "adamw_torch"})
+    node = {"partition-id": 0, "num-partitions": 2, "data-path": str(demo_data_file)}
+    warm = {**node, "trainer-socket": sock}
+    arrays = global_arrays(tiny_model_dir, run_config)
+
+    first = call_clientapp(run_config, warm, arrays)  # lr 1e-3; then the service builds round 2's trainer
+    assert first["metrics"]["time-trainer-setup"] > 0
+    wait_for_trainer_ahead(sock)
+    ahead = call_clientapp(run_config, warm, arrays, server_round=2, learning_rate=5e-2)
+    local = call_clientapp(run_config, node, arrays, server_round=2, learning_rate=5e-2)
+
+    assert ahead["metrics"]["time-trainer-setup"] == 0.0  # built between rounds, not in this one
+    assert ahead["metrics"]["train-loss"] == pytest.approx(local["metrics"]["train-loss"], rel=1e-4)
+    for key in local["arrays"]:
+        got, want = ahead["arrays"][key].numpy(), local["arrays"][key].numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    moved = [not np.allclose(ahead["arrays"][k].numpy(), first["arrays"][k].numpy()) for k in local["arrays"]]
+    assert any(moved), "round 2 trained at round 1's learning rate"
+
+    # settings the trainer was not built for: the round builds its own
+    wait_for_trainer_ahead(sock)
+    other = tiny_run_config(tiny_model_dir, **{"train.max-steps": 1, "train.optim": "adamw_torch"})
+    changed = call_clientapp(other, warm, arrays, server_round=3)
+    assert changed["metrics"]["train-steps"] == 1
+    assert changed["metrics"]["time-trainer-setup"] > 0
 
 
 def test_clientapp_falls_back_when_the_service_is_absent_or_gone(
