@@ -10,6 +10,7 @@ with the node's wall clock (`at-adapter-in`, `at-trained`; the ClientApp adds `a
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import time
@@ -269,4 +270,42 @@ def prepare_next_round(
     built = _build(cfg, model, tokenizer, trainset, device, cache, round_config.learning_rate)
     built.key = trainer_key(cfg, node_config, round_config)
     cache.next_trainer = built
+    return time.perf_counter() - started
+
+
+WARM_UP_TRAININGS = 2  # a fresh process's first two rounds compile (the second retraces once more)
+WARM_UP_ROWS = 16  # embedded rows: enough for one optimizer step of every profile's batch
+
+
+def warm_up(cfg: FedTuneConfig, cache: NodeCache) -> float:
+    """Before the first round (a warm trainer's preload): train WARM_UP_TRAININGS one-step rounds at learning
+    rate 0 on embedded rows, through the round's own code, so the first real round finds the compiled layers
+    compiled and the GPU's kernels loaded. The adapter is put back as it was, and every round builds its
+    trainer afresh (seeded), so no round trains differently for it. Returns the seconds it took."""
+    import torch
+    from datasets import Dataset
+
+    from fedtune.dataset import to_conversations
+    from fedtune.embedded import demo_rows
+
+    started = time.perf_counter()
+    model, tokenizer, device = cache.model_for(cfg)
+    rows, _ = to_conversations(Dataset.from_list(demo_rows(WARM_UP_ROWS)))
+    settings = dataclasses.replace(cfg.train, max_steps=1)
+    saved = {name: p.detach().clone() for name, p in model.named_parameters() if ".lora_" in name}
+    try:
+        for _ in range(WARM_UP_TRAININGS):
+            try:
+                built = build_round_trainer(
+                    model, tokenizer, rows, settings, device, cfg.model.gradient_checkpointing,
+                    cfg.model.gradient_checkpointing_every,
+                )
+                run_round_trainer(built, 0.0)
+            finally:
+                _release_paged_optimizer_state()
+    finally:  # values and dtype as before: round 1 then starts as it would in a fresh process
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in saved:
+                    param.data = saved[name]
     return time.perf_counter() - started

@@ -9,7 +9,9 @@ what comes back. The service runs the same round code as the in-process ClientAp
 
 Between rounds, once a round's reply is sent, the service builds the next round's SFTTrainer on the same
 settings (clientapp.round.prepare_next_round: ~0.2 s off every later round's critical path; a round whose
-settings differ builds its own). FEDTUNE_BUILD_TRAINER_AHEAD=0 switches that off.
+settings differ builds its own). FEDTUNE_BUILD_TRAINER_AHEAD=0 switches that off. On a GPU the preload ends
+with two one-step warm-up rounds on embedded rows (clientapp.round.warm_up), so round 1 does not compile the
+layers or load kernels (FEDTUNE_WARM_UP: 1 always, 0 never).
 
 Hardening (docs/reliability.md): the socket lives in a 0700 directory of the node's user and only peers of
 that uid are served (SO_PEERCRED); every connection is handled on its own thread with an I/O timeout, so an
@@ -47,6 +49,7 @@ from fedtune.runtime_env import env_tristate
 log = logging.getLogger("fedtune.warm.service")
 
 BUILD_AHEAD_ENV = "FEDTUNE_BUILD_TRAINER_AHEAD"  # 0/false: each round builds its trainer itself
+WARM_UP_ENV = "FEDTUNE_WARM_UP"  # the preload's warm-up rounds: 1 always, 0 never, unset: on a GPU only
 
 MAX_CONNECTIONS = 16  # concurrent; more are closed at once (one ClientApp per round needs one or two)
 
@@ -59,6 +62,7 @@ class TrainerService:
         self.rounds = 0
         self.started = time.time()
         self.preload_state = "none"  # none | loading | done | failed: …
+        self.warm_up_seconds: float | None = None  # the preload's warm-up rounds, if it ran them
         self.rejected = 0  # connections or frames refused (counted for ping, logged each)
         self._train_lock = threading.Lock()  # one round (or preload) at a time
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -81,14 +85,27 @@ class TrainerService:
                 from fedtune.config import FedTuneConfig
 
                 cfg = FedTuneConfig.from_run_config(run_config)
-                self._node_cache().model_for(cfg)
+                _, _, device = self._node_cache().model_for(cfg)
             except Exception as err:  # the first round loads (and reports) it again
                 self.preload_state = f"failed: {type(err).__name__}: {err}"
                 log.error("preload failed: %s", traceback.format_exc())
                 return
             seconds = time.perf_counter() - started
-            self.preload_state = "done"
             log.info("preloaded %s in %.1f s", cfg.model.name, seconds)
+            if env_tristate(WARM_UP_ENV) or (env_tristate(WARM_UP_ENV) is None and device == "cuda"):
+                self.warm_up(cfg)
+            self.preload_state = "done"
+
+    def warm_up(self, cfg: Any) -> None:
+        """Compile and load kernels before round 1 (clientapp.round.warm_up); a failure costs only that."""
+        try:
+            from clientapp.round import warm_up
+
+            self.warm_up_seconds = warm_up(cfg, self._node_cache())
+        except Exception:  # the first round compiles, as without it
+            log.error("warm-up failed: %s", traceback.format_exc())
+            return
+        log.info("warmed up (compiled layers, GPU kernels) in %.1f s", self.warm_up_seconds)
 
     # ---- requests ----------------------------------------------------------------------------------------
 
@@ -99,6 +116,7 @@ class TrainerService:
             "rounds": self.rounds,
             "model": bool(self.cache is not None and self.cache.model_key is not None),
             "preload": self.preload_state,
+            "warm_up_seconds": self.warm_up_seconds,
             "busy": self._train_lock.locked(),
             "trainer_ahead": bool(self.cache is not None and self.cache.next_trainer is not None),
             "rejected": self.rejected,

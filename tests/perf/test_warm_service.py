@@ -36,23 +36,27 @@ def call_clientapp(run_config, node_config, arrays, server_round=1, learning_rat
     return train(msg, context).content
 
 
-@pytest.fixture
-def service(tmp_path):
-    private = tmp_path / "run"
+def start_service(folder: Path, *args: str, **env: str) -> tuple[subprocess.Popen, str]:
+    private = folder / "run"
     private.mkdir(mode=0o700)
     sock = str(private / "trainer.sock")
-    ready = tmp_path / "ready"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ready = folder / "ready"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clientapp.warm.service", "--socket", sock, "--ready-file", str(ready)],
+        [sys.executable, "-m", "clientapp.warm.service", "--socket", sock, "--ready-file", str(ready), *args],
         cwd=REPO,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
     )
     deadline = time.time() + 120
     while not ready.exists():
         assert proc.poll() is None, "service died at start"
         assert time.time() < deadline, "service did not come up"
         time.sleep(0.1)
+    return proc, sock
+
+
+@pytest.fixture
+def service(tmp_path):
+    proc, sock = start_service(tmp_path)
     yield proc, sock
     proc.terminate()
     proc.wait(timeout=30)
@@ -118,6 +122,34 @@ def test_a_trainer_built_ahead_trains_at_the_rounds_learning_rate(tiny_model_dir
     changed = call_clientapp(other, warm, arrays, server_round=3)
     assert changed["metrics"]["train-steps"] == 1
     assert changed["metrics"]["time-trainer-setup"] > 0
+
+
+def test_the_preloads_warm_up_changes_no_rounds_result(tiny_model_dir, demo_data_file, tmp_path):
+    from clientapp.warm.protocol import ping
+    from fedtune.toml_io import write
+
+    run_config = tiny_run_config(tiny_model_dir, **{"train.max-steps": 2, "train.optim": "adamw_torch"})
+    preload = write(tmp_path / "preload.toml", run_config)
+    proc, sock = start_service(tmp_path, "--preload", str(preload), FEDTUNE_WARM_UP="1")
+    try:
+        deadline = time.time() + 300
+        while (status := ping(sock))["preload"] == "loading":
+            assert time.time() < deadline, "preload did not finish"
+            time.sleep(0.2)
+        assert status["preload"] == "done"
+        assert status["warm_up_seconds"] > 0  # it trained its warm-up rounds (on a CPU only when asked)
+        node = {"partition-id": 0, "num-partitions": 2, "data-path": str(demo_data_file)}
+        arrays = global_arrays(tiny_model_dir, run_config)
+        warm = call_clientapp(run_config, {**node, "trainer-socket": sock}, arrays)
+        local = call_clientapp(run_config, node, arrays)
+        assert warm["metrics"]["time-model-load"] < 0.01  # preloaded
+        assert warm["metrics"]["train-loss"] == pytest.approx(local["metrics"]["train-loss"], rel=1e-4)
+        for key in local["arrays"]:
+            got, want = warm["arrays"][key].numpy(), local["arrays"][key].numpy()
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_clientapp_falls_back_when_the_service_is_absent_or_gone(
