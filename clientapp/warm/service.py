@@ -92,7 +92,8 @@ class TrainerService:
                 return
             seconds = time.perf_counter() - started
             log.info("preloaded %s in %.1f s", cfg.model.name, seconds)
-            if env_tristate(WARM_UP_ENV) or (env_tristate(WARM_UP_ENV) is None and device == "cuda"):
+            asked = env_tristate(WARM_UP_ENV)
+            if asked or (asked is None and device == "cuda"):
                 self.warm_up(cfg)
             self.preload_state = "done"
 
