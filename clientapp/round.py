@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clientapp.trainer import RoundOutcome, RoundTrainer, build_round_trainer, run_round_trainer
+from clientapp.trainer import (
+    RoundOutcome,
+    RoundTrainer,
+    build_round_trainer,
+    run_round_trainer,
+    train_one_round,
+)
 from fedtune import packing
 from fedtune.codecs import CodecSpec, ffa, is_lora_a
 from fedtune.config import FedTuneConfig
@@ -85,6 +91,12 @@ class NodeCache:
             built = None
         return built
 
+    def drop_trainer(self) -> None:
+        """Discard the trainer built ahead, if any (it holds the model and patches its forwards)."""
+        if self.next_trainer is not None:
+            self.next_trainer.discard()
+            self.next_trainer = None
+
     def dataset(self, cfg: FedTuneConfig, node_config: dict[str, Any]) -> tuple[Any, int]:
         key = data_key(cfg, node_config)
         if self.data_key != key:
@@ -106,7 +118,7 @@ class NodeCache:
         return self.model, self.tokenizer, self.device
 
     def drop_model(self) -> None:
-        self.take_trainer("")  # a trainer built ahead holds the model
+        self.drop_trainer()
         if self.model is None:
             return
         self.model = self.tokenizer = None
@@ -265,7 +277,7 @@ def prepare_next_round(
     started = time.perf_counter()
     trainset, _ = cache.dataset(cfg, node_config)
     model, tokenizer, device = cache.model_for(cfg)
-    cache.take_trainer("")  # at most one built ahead
+    cache.drop_trainer()  # at most one built ahead
     ffa.set_a_trainable(model, not CodecSpec.from_config(round_config.codec).ffa_lora)
     built = _build(cfg, model, tokenizer, trainset, device, cache, round_config.learning_rate)
     built.key = trainer_key(cfg, node_config, round_config)
@@ -295,12 +307,11 @@ def warm_up(cfg: FedTuneConfig, cache: NodeCache) -> float:
     saved = {name: p.detach().clone() for name, p in model.named_parameters() if ".lora_" in name}
     try:
         for _ in range(WARM_UP_TRAININGS):
-            try:
-                built = build_round_trainer(
-                    model, tokenizer, rows, settings, device, cfg.model.gradient_checkpointing,
+            try:  # no `prepared`: the warm-up rows must not stand in for the node's tokenised data
+                train_one_round(
+                    model, tokenizer, rows, settings, 0.0, device, cfg.model.gradient_checkpointing,
                     cfg.model.gradient_checkpointing_every,
                 )
-                run_round_trainer(built, 0.0)
             finally:
                 _release_paged_optimizer_state()
     finally:  # values and dtype as before: round 1 then starts as it would in a fresh process
